@@ -1,0 +1,1 @@
+"""Inference classes that load exported (upstream-layout) model directories."""

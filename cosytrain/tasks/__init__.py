@@ -1,0 +1,1 @@
+"""Lightning tasks: one LightningModule per stage, precision plugins, schedulers and callbacks."""

@@ -1,0 +1,50 @@
+"""Shared test helpers: where the upstream reference data lives and how to load it.
+
+The reference folder (``../shared/reference`` beside the clone, or ``$COSYTRAIN_REFERENCE``) holds
+state-dict manifests and numeric fixtures made with upstream CosyVoice's own classes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def reference_dir() -> Path:
+    env = os.environ.get("COSYTRAIN_REFERENCE")
+    return Path(env) if env else REPO_ROOT.parent / "shared" / "reference"
+
+
+def load_fixture(name: str) -> dict[str, Any]:
+    """Load ``fixtures/<name>.pt`` (weights_only) or skip when the reference folder is absent."""
+    import torch
+
+    path = reference_dir() / "fixtures" / f"{name}.pt"
+    if not path.exists():
+        pytest.skip(f"reference fixture {path} not found (set COSYTRAIN_REFERENCE)")
+    return torch.load(path, weights_only=True)
+
+
+def load_manifest(name: str) -> dict[str, Any]:
+    """Load ``manifests/<name>.json`` or skip when the reference folder is absent."""
+    path = reference_dir() / "manifests" / f"{name}.json"
+    if not path.exists():
+        pytest.skip(f"reference manifest {path} not found (set COSYTRAIN_REFERENCE)")
+    return json.loads(path.read_text())
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_threads():
+    """The fixtures were made with 2 threads; keep runs comparable and the machine responsive."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(old)
