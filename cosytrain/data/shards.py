@@ -1,0 +1,255 @@
+"""Parquet shards in upstream CosyVoice's layout, plus a small per-utterance index.
+
+Upstream's ``tools/make_parquet_list.py`` builds a pandas DataFrame per shard and calls
+``to_parquet``; its training pipeline (``cosyvoice/dataset/processor.py:parquet_opener``) reads the
+columns by name. Writing the same column names and Arrow types with pyarrow directly means a shard
+made here trains upstream and a shard made upstream trains here, without pandas.
+
+Layout of an output folder::
+
+    parquet_000000000.tar ...     the shards (parquet despite the suffix, as upstream names them)
+    utt2parquet_000000000.json    {utt: shard path} per shard
+    spk2parquet_000000000.json    {spk: shard path} per shard
+    data.list / utt2data.list / spk2data.list   one path per line, as upstream
+    index.jsonl                   one line per utterance: what length-aware batching needs
+    spk2embedding.pt              {spk: mean embedding} (upstream's name and content)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+# Column -> Arrow type, in the order upstream writes them. pandas maps a Python str column to
+# ``string``, bytes to ``binary``, lists of Python floats to ``list<double>`` (upstream's embeddings
+# are ``.tolist()`` of float32 arrays, hence double on disk) and lists of ints to ``list<int64>``.
+SHARD_SCHEMA_FIELDS: tuple[tuple[str, pa.DataType], ...] = (
+    ("utt", pa.string()),
+    ("wav", pa.string()),
+    ("audio_data", pa.binary()),
+    ("text", pa.string()),
+    ("spk", pa.string()),
+    ("utt_embedding", pa.list_(pa.float64())),
+    ("spk_embedding", pa.list_(pa.float64())),
+    ("speech_token", pa.list_(pa.int64())),
+)
+# Written only when the source folder has an ``instruct`` file (upstream does the same).
+OPTIONAL_SCHEMA_FIELDS: tuple[tuple[str, pa.DataType], ...] = (("instruct", pa.string()),)
+
+SHARD_COLUMNS: tuple[str, ...] = tuple(name for name, _ in SHARD_SCHEMA_FIELDS)
+OPTIONAL_COLUMNS: tuple[str, ...] = tuple(name for name, _ in OPTIONAL_SCHEMA_FIELDS)
+
+INDEX_NAME = "index.jsonl"
+DATA_LIST = "data.list"
+UTT2DATA_LIST = "utt2data.list"
+SPK2DATA_LIST = "spk2data.list"
+
+
+def shard_name(i: int) -> str:
+    return f"parquet_{i:09d}.tar"
+
+
+def utt2parquet_name(i: int) -> str:
+    return f"utt2parquet_{i:09d}.json"
+
+
+def spk2parquet_name(i: int) -> str:
+    return f"spk2parquet_{i:09d}.json"
+
+
+def shard_schema(with_instruct: bool = False) -> pa.Schema:
+    fields = list(SHARD_SCHEMA_FIELDS) + (list(OPTIONAL_SCHEMA_FIELDS) if with_instruct else [])
+    return pa.schema([pa.field(name, typ) for name, typ in fields])
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write via a temp file in the same folder and ``os.replace`` so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def rows_to_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
+    """Build a table with the shard schema; ``instruct`` is included when any row carries it."""
+    with_instruct = any("instruct" in r and r["instruct"] is not None for r in rows)
+    schema = shard_schema(with_instruct)
+    missing = [c for c in SHARD_COLUMNS if rows and c not in rows[0]]
+    if missing:
+        raise ValueError(f"shard row lacks columns {missing}; every row needs {list(SHARD_COLUMNS)}")
+    arrays = []
+    for f in schema:
+        values = [r.get(f.name, "" if f.name == "instruct" else None) for r in rows]
+        if pa.types.is_list(f.type):
+            if pa.types.is_int64(f.type.value_type):
+                values = [None if v is None else [int(x) for x in v] for v in values]
+            else:
+                values = [None if v is None else [float(x) for x in v] for v in values]
+        arrays.append(pa.array(values, type=f.type))
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def write_shard(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Write one shard atomically (snappy, like pandas' default)."""
+    table = rows_to_table(rows)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="snappy")
+    atomic_write_bytes(path, sink.getvalue().to_pybytes())
+
+
+def write_shard_jsons(out_dir: Path, i: int, shard_path: str, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Upstream's utt2parquet/spk2parquet json for shard ``i`` (indent=2, ensure_ascii=False)."""
+    utts = [r["utt"] for r in rows]
+    spks = sorted({r["spk"] for r in rows})
+    atomic_write_text(out_dir / utt2parquet_name(i),
+                      json.dumps(dict.fromkeys(utts, shard_path), ensure_ascii=False, indent=2))
+    atomic_write_text(out_dir / spk2parquet_name(i),
+                      json.dumps(dict.fromkeys(spks, shard_path), ensure_ascii=False, indent=2))
+
+
+def write_lists(out_dir: Path, shard_paths: Sequence[str], num_shards_ids: Sequence[int]) -> None:
+    """``data.list``/``utt2data.list``/``spk2data.list``: one path per line, as upstream."""
+    atomic_write_text(out_dir / DATA_LIST, "".join(p + "\n" for p in shard_paths))
+    atomic_write_text(out_dir / UTT2DATA_LIST,
+                      "".join(str(out_dir / utt2parquet_name(i)) + "\n" for i in num_shards_ids))
+    atomic_write_text(out_dir / SPK2DATA_LIST,
+                      "".join(str(out_dir / spk2parquet_name(i)) + "\n" for i in num_shards_ids))
+
+
+# ----------------------------------------------------------------------------------------- reading
+
+
+@dataclass
+class ReadStats:
+    """Counts from reading shards; ``bad`` holds (shard, one-line reason) for each skipped shard."""
+
+    shards_ok: int = 0
+    rows: int = 0
+    bad: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def shards_bad(self) -> int:
+        return len(self.bad)
+
+
+def _one_line(ex: BaseException) -> str:
+    msg = str(ex).strip().splitlines()
+    return f"{type(ex).__name__}: {msg[0] if msg else ''}".strip()
+
+
+def check_shard(path: str | os.PathLike) -> str | None:
+    """Return None when ``path`` is a readable shard with the required columns, else a one-line reason."""
+    try:
+        pf = pq.ParquetFile(str(path))
+    except Exception as ex:  # noqa: BLE001 - any failure means the shard is unusable
+        return _one_line(ex)
+    names = set(pf.schema_arrow.names)
+    missing = [c for c in ("utt", "text", "speech_token") if c not in names]
+    if missing:
+        return f"missing columns {missing}"
+    return None
+
+
+def read_shard_rows(path: str | os.PathLike, columns: Sequence[str] | None = None,
+                    batch_size: int = 64, stats: ReadStats | None = None) -> Iterator[dict[str, Any]]:
+    """Yield each row of a shard as a dict of Python values (lists, bytes, str).
+
+    A truncated or corrupt shard is skipped, not raised: the reason goes to ``stats.bad`` (and a
+    warning log line), as upstream's ``parquet_opener`` logs and moves on. Rows yielded before the
+    corruption surfaced stay yielded; the shard is still counted bad.
+    """
+    import logging
+
+    stats = stats if stats is not None else ReadStats()
+    path = str(path)
+    try:
+        pf = pq.ParquetFile(path)
+        cols = None
+        if columns is not None:
+            have = set(pf.schema_arrow.names)
+            cols = [c for c in columns if c in have]
+        n = 0
+        for batch in pf.iter_batches(batch_size=batch_size, columns=cols):
+            for row in batch.to_pylist():
+                n += 1
+                yield row
+        stats.shards_ok += 1
+        stats.rows += n
+    except Exception as ex:  # noqa: BLE001
+        reason = _one_line(ex)
+        stats.bad.append((path, reason))
+        logging.getLogger(__name__).warning("skipping shard %s: %s", path, reason)
+
+
+def read_data_list(path: str | os.PathLike) -> list[str]:
+    """Shard paths from a ``data.list``; relative paths resolve against the list's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data list {path} not found; run `python -m cosytrain prepare` to make it")
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        p = Path(line)
+        out.append(str(p if p.is_absolute() else path.parent / p))
+    return out
+
+
+def iter_rows(data_list: str | os.PathLike, columns: Sequence[str] | None = None,
+              stats: ReadStats | None = None) -> Iterator[dict[str, Any]]:
+    """All rows of every shard named in ``data_list``, skipping bad shards into ``stats``."""
+    for shard in read_data_list(data_list):
+        yield from read_shard_rows(shard, columns=columns, stats=stats)
+
+
+# ------------------------------------------------------------------------------------------- index
+
+
+INDEX_FIELDS = ("utt", "shard", "spk", "duration_s", "sample_rate", "num_speech_tokens", "num_text_chars")
+
+
+def index_record(row: Mapping[str, Any], shard: str, duration_s: float, sample_rate: int) -> dict[str, Any]:
+    return {
+        "utt": row["utt"],
+        "shard": shard,
+        "spk": row["spk"],
+        "duration_s": round(float(duration_s), 4),
+        "sample_rate": int(sample_rate),
+        "num_speech_tokens": len(row["speech_token"]),
+        "num_text_chars": len(row["text"]),
+    }
+
+
+def write_index(path: str | os.PathLike, records: Iterable[Mapping[str, Any]]) -> None:
+    atomic_write_text(path, "".join(json.dumps(dict(r), ensure_ascii=False) + "\n" for r in records))
+
+
+def read_index(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Per-utterance lengths (see ``INDEX_FIELDS``), for length-aware batching without opening shards."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / INDEX_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"shard index {path} not found; re-run `python -m cosytrain prepare`")
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
