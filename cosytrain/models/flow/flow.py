@@ -1,0 +1,161 @@
+"""CosyVoice 1 flow stage: speech tokens + speaker x-vector -> mel (upstream ``cosyvoice.flow.flow``).
+
+Tokens are embedded, encoded by a Conformer, projected to 80 channels, resampled to the mel rate by
+the length regulator and decoded by conditional flow matching, conditioned on the prompt mel and the
+speaker embedding.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cosytrain.models.transformer.mask import make_pad_mask
+
+_DEFAULT_CFM_PARAMS = {'sigma_min': 1e-06, 'solver': 'euler', 't_scheduler': 'cosine',
+                       'training_cfg_rate': 0.2, 'inference_cfg_rate': 0.7, 'reg_loss_type': 'l1'}
+_DEFAULT_DECODER_CONF = {'in_channels': 240, 'out_channel': 80, 'spk_emb_dim': 80, 'n_spks': 1,
+                         'cfm_params': _DEFAULT_CFM_PARAMS,
+                         'decoder_params': {'channels': [256, 256], 'dropout': 0.0, 'attention_head_dim': 64,
+                                            'n_blocks': 4, 'num_mid_blocks': 12, 'num_heads': 8, 'act_fn': 'gelu'}}
+_DEFAULT_MEL_FEAT_CONF = {'n_fft': 1024, 'num_mels': 80, 'sampling_rate': 22050, 'hop_size': 256,
+                          'win_size': 1024, 'fmin': 0, 'fmax': 8000}
+
+# Upstream v1 inference hard-codes the 22.05 kHz / hop 256 mel rate whatever mel_feat_conf says.
+V1_SAMPLE_RATE = 22050
+V1_HOP = 256
+
+
+def random_prompt_conds(feat: torch.Tensor, feat_len: torch.Tensor) -> torch.Tensor:
+    """Training prompt condition (B, T, C): per sample, with prob. 0.5 a prefix of up to 30% of the mel.
+
+    Uses python ``random`` in upstream's order (``random()`` per sample, then ``randint`` when kept),
+    so seeded runs reproduce upstream's batches.
+    """
+    conds = torch.zeros(feat.shape, device=feat.device, dtype=torch.float32)
+    for i, j in enumerate(feat_len.tolist()):
+        if random.random() < 0.5:
+            continue
+        index = random.randint(0, int(0.3 * j))
+        conds[i, :index] = feat[i, :index]
+    return conds
+
+
+def _batch_tensor(batch: Mapping[str, Any], key: str, device: torch.device) -> torch.Tensor:
+    if key not in batch:
+        raise KeyError(f"flow batch is missing {key!r}; batches need speech_token(_len), speech_feat(_len), embedding")
+    return batch[key].to(device)
+
+
+class MaskedDiffWithXvec(nn.Module):
+    """v1 flow. ``encoder``, ``length_regulator`` and ``decoder`` are built modules (as from the yaml)."""
+
+    def __init__(
+        self,
+        input_size: int = 512,
+        output_size: int = 80,
+        spk_embed_dim: int = 192,
+        output_type: str = "mel",
+        vocab_size: int = 4096,
+        input_frame_rate: int = 50,
+        only_mask_loss: bool = True,
+        encoder: Optional[nn.Module] = None,
+        length_regulator: Optional[nn.Module] = None,
+        decoder: Optional[nn.Module] = None,
+        decoder_conf: Optional[Dict[str, Any]] = None,
+        mel_feat_conf: Optional[Dict[str, Any]] = None,
+    ):
+        super().__init__()
+        if encoder is None or length_regulator is None or decoder is None:
+            raise ValueError("MaskedDiffWithXvec needs encoder, length_regulator and decoder modules "
+                             "(build them from the flow section of the config)")
+        self.input_size = input_size
+        self.output_size = output_size
+        self.decoder_conf = decoder_conf if decoder_conf is not None else _DEFAULT_DECODER_CONF
+        self.mel_feat_conf = mel_feat_conf if mel_feat_conf is not None else _DEFAULT_MEL_FEAT_CONF
+        self.vocab_size = vocab_size
+        self.output_type = output_type
+        self.input_frame_rate = input_frame_rate
+        self.input_embedding = nn.Embedding(vocab_size, input_size)
+        self.spk_embed_affine_layer = nn.Linear(spk_embed_dim, output_size)
+        self.encoder = encoder
+        self.encoder_proj = nn.Linear(self.encoder.output_size(), output_size)
+        self.decoder = decoder
+        self.length_regulator = length_regulator
+        self.only_mask_loss = only_mask_loss
+
+    def embed_speaker(self, embedding: torch.Tensor) -> torch.Tensor:
+        return self.spk_embed_affine_layer(F.normalize(embedding, dim=1))
+
+    def embed_tokens(self, token: torch.Tensor, token_len: torch.Tensor) -> torch.Tensor:
+        """Embedding of the (clamped) tokens with padded positions zeroed."""
+        mask = (~make_pad_mask(token_len, token.shape[1])).unsqueeze(-1)
+        emb = self.input_embedding(torch.clamp(token, min=0).long())
+        return emb * mask.to(emb.dtype)
+
+    def forward(self, batch: Mapping[str, Any], device: torch.device) -> Dict[str, torch.Tensor]:
+        """Training loss for a batch with upstream's keys (python/torch RNG in upstream's order)."""
+        token = _batch_tensor(batch, "speech_token", device)
+        token_len = _batch_tensor(batch, "speech_token_len", device)
+        feat = _batch_tensor(batch, "speech_feat", device)
+        feat_len = _batch_tensor(batch, "speech_feat_len", device)
+        embedding = _batch_tensor(batch, "embedding", device)
+
+        embedding = self.embed_speaker(embedding)
+        h, _ = self.encoder(self.embed_tokens(token, token_len), token_len)
+        h = self.encoder_proj(h)
+        h, _ = self.length_regulator(h, feat_len)
+
+        conds = random_prompt_conds(feat, feat_len).transpose(1, 2)
+        mask = (~make_pad_mask(feat_len)).to(h)
+        loss, _ = self.decoder.compute_loss(
+            feat.transpose(1, 2).contiguous(),
+            mask.unsqueeze(1),
+            h.transpose(1, 2).contiguous(),
+            embedding,
+            cond=conds,
+        )
+        return {"loss": loss}
+
+    @torch.inference_mode()
+    def inference(self, token: torch.Tensor, token_len: torch.Tensor, prompt_token: torch.Tensor,
+                  prompt_token_len: torch.Tensor, prompt_feat: torch.Tensor, prompt_feat_len: torch.Tensor,
+                  embedding: torch.Tensor, flow_cache: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Mel (1, 80, T) for ``token`` after the prompt, plus the updated ``flow_cache``.
+
+        The target length is ``int(n_tokens / input_frame_rate * 22050 / 256)`` as upstream.
+        """
+        if token.shape[0] != 1:
+            raise ValueError(f"flow inference takes one utterance at a time, got batch {token.shape[0]}")
+        embedding = self.embed_speaker(embedding)
+
+        token_len1, token_len2 = prompt_token.shape[1], token.shape[1]
+        token, token_len = torch.cat([prompt_token, token], dim=1), prompt_token_len + token_len
+        h, _ = self.encoder(self.embed_tokens(token, token_len), token_len)
+        h = self.encoder_proj(h)
+        mel_len1 = prompt_feat.shape[1]
+        mel_len2 = int(token_len2 / self.input_frame_rate * V1_SAMPLE_RATE / V1_HOP)
+        h, _ = self.length_regulator.inference(h[:, :token_len1], h[:, token_len1:], mel_len1, mel_len2,
+                                               self.input_frame_rate)
+
+        conds = torch.zeros([1, mel_len1 + mel_len2, self.output_size], device=token.device, dtype=h.dtype)
+        conds[:, :mel_len1] = prompt_feat
+        conds = conds.transpose(1, 2)
+        mask = torch.ones(1, 1, mel_len1 + mel_len2, device=token.device, dtype=h.dtype)
+        feat, flow_cache = self.decoder(
+            mu=h.transpose(1, 2).contiguous(),
+            mask=mask,
+            spks=embedding,
+            cond=conds,
+            n_timesteps=10,
+            prompt_len=mel_len1,
+            cache=flow_cache,
+        )
+        feat = feat[:, :, mel_len1:]
+        if feat.shape[2] != mel_len2:
+            raise RuntimeError(f"flow produced {feat.shape[2]} frames, expected {mel_len2}")
+        return feat.float(), flow_cache
