@@ -202,7 +202,8 @@ class TransformerLM(nn.Module):
                 lm_input, offset=offset, required_cache_size=-1,
                 att_cache=att_cache, cnn_cache=cnn_cache, att_mask=causal,
             )
-            logp = self.llm_decoder(y_pred[:, -1]).log_softmax(dim=-1)
+            # float32 log-softmax: sampling thresholds (top_p) should not see half rounding
+            logp = self.llm_decoder(y_pred[:, -1]).float().log_softmax(dim=-1)
             top_ids = self.sampling_ids(logp.squeeze(dim=0), out_tokens, sampling, ignore_eos=i < min_len)
             if top_ids == self.eos_token:
                 break

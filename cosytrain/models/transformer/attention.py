@@ -97,7 +97,7 @@ class MultiHeadedAttention(nn.Module):
         """Return (output (batch, t1, d_model), new cache (1, head, cache_t + t1, 2 * d_k))."""
         q, k, v = self.forward_qkv(query, key, value)
         k, v, new_cache = self._extend_with_cache(k, v, cache)
-        scores = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(self.d_k)
+        scores = torch.matmul(q, k.transpose(-2, -1)).float() / math.sqrt(self.d_k)
         return self.forward_attention(v, scores, mask), new_cache
 
 

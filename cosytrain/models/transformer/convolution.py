@@ -7,6 +7,8 @@ from typing import Tuple
 import torch
 from torch import nn
 
+from .precision import LayerNorm, autocast_active
+
 
 class ConvolutionModule(nn.Module):
     """pointwise conv -> GLU -> depthwise conv -> norm -> activation -> pointwise conv.
@@ -40,7 +42,7 @@ class ConvolutionModule(nn.Module):
         if norm not in ("batch_norm", "layer_norm"):
             raise ValueError(f"cnn_module_norm must be 'batch_norm' or 'layer_norm', got {norm!r}")
         self.use_layer_norm = norm == "layer_norm"
-        self.norm = nn.LayerNorm(channels) if self.use_layer_norm else nn.BatchNorm1d(channels)
+        self.norm = LayerNorm(channels) if self.use_layer_norm else nn.BatchNorm1d(channels)
         self.pointwise_conv2 = nn.Conv1d(channels, channels, kernel_size=1, stride=1, padding=0, bias=bias)
         self.activation = activation if activation is not None else nn.ReLU()
 
@@ -59,7 +61,9 @@ class ConvolutionModule(nn.Module):
                 x = nn.functional.pad(x, (self.lorder, 0), "constant", 0.0)
             else:
                 if cache.size(0) != x.size(0) or cache.size(1) != x.size(1):
-                    raise ValueError("cnn cache batch/channels do not match the input; pass the cache from the previous chunk")
+                    raise ValueError(
+                        "cnn cache batch/channels do not match the input; pass the previous chunk's cache"
+                    )
                 x = torch.cat((cache.to(x.dtype), x), dim=2)
             new_cache = x[:, :, -self.lorder:]
         else:
@@ -70,7 +74,8 @@ class ConvolutionModule(nn.Module):
         if self.use_layer_norm:
             x = self.activation(self.norm(x.transpose(1, 2))).transpose(1, 2)
         else:
-            x = self.activation(self.norm(x))
+            # BatchNorm statistics in float32 under autocast (CPU autocast would keep half).
+            x = self.activation(self.norm(x.float() if autocast_active(x) else x))
         x = self.pointwise_conv2(x)
         if mask_pad.size(2) > 0:
             x = x.masked_fill(~mask_pad, 0.0)

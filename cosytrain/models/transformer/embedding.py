@@ -15,6 +15,8 @@ from typing import Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from .precision import match_dtype
+
 Offset = Union[int, torch.Tensor]
 
 
@@ -44,23 +46,25 @@ class PositionalEncoding(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, offset: Offset = 0) -> Tuple[torch.Tensor, torch.Tensor]:
         self.pe = self.pe.to(x.device)
-        pos_emb = self.position_encoding(offset, x.size(1), False)
+        pos_emb = match_dtype(self.position_encoding(offset, x.size(1), False), x)
         x = x * self.xscale + pos_emb
         return self.dropout(x), self.dropout(pos_emb)
 
     def position_encoding(self, offset: Offset, size: int, apply_dropout: bool = True) -> torch.Tensor:
         """Encoding for positions ``offset .. offset + size`` (offset may be per-batch)."""
-        self.pe = self.pe.to(offset.device if isinstance(offset, torch.Tensor) else self.pe.device)
         if isinstance(offset, int) or (isinstance(offset, torch.Tensor) and offset.dim() == 0):
             if int(offset) + size > self.max_len:
-                raise ValueError(f"sequence of {int(offset) + size} frames exceeds the positional table ({self.max_len}); shorten the input")
+                raise ValueError(
+                    f"sequence of {int(offset) + size} frames exceeds the positional table "
+                    f"({self.max_len}); shorten the input"
+                )
             pos_emb = self.pe[:, int(offset): int(offset) + size]
         else:
             if int(torch.max(offset)) + size > self.max_len:
                 raise ValueError(f"sequence exceeds the positional table ({self.max_len}); shorten the input")
             index = offset.unsqueeze(1) + torch.arange(0, size, device=offset.device)
             index = index * (index > 0)
-            pos_emb = F.embedding(index, self.pe[0])
+            pos_emb = F.embedding(index, self.pe[0].to(index.device))
         if apply_dropout:
             pos_emb = self.dropout(pos_emb)
         return pos_emb
@@ -75,7 +79,7 @@ class RelPositionalEncoding(PositionalEncoding):
     def forward(self, x: torch.Tensor, offset: Offset = 0) -> Tuple[torch.Tensor, torch.Tensor]:
         self.pe = self.pe.to(x.device)
         x = x * self.xscale
-        pos_emb = self.position_encoding(offset, x.size(1), False)
+        pos_emb = match_dtype(self.position_encoding(offset, x.size(1), False), x)
         return self.dropout(x), self.dropout(pos_emb)
 
 
@@ -126,7 +130,7 @@ class EspnetRelPositionalEncoding(torch.nn.Module):
     def forward(self, x: torch.Tensor, offset: Offset = 0) -> Tuple[torch.Tensor, torch.Tensor]:
         self.extend_pe(x)
         x = x * self.xscale
-        pos_emb = self.position_encoding(size=x.size(1), offset=offset).to(x.dtype)
+        pos_emb = match_dtype(self.position_encoding(size=x.size(1), offset=offset), x)
         return self.dropout(x), self.dropout(pos_emb)
 
     def position_encoding(self, offset: Offset, size: int) -> torch.Tensor:

@@ -14,6 +14,7 @@ import torch.utils.checkpoint as ckpt
 from .convolution import ConvolutionModule
 from .encoder_layer import ConformerEncoderLayer, TransformerEncoderLayer
 from .mask import add_optional_chunk_mask, make_pad_mask
+from .precision import LayerNorm, match_dtype
 from .positionwise_feed_forward import PositionwiseFeedForward
 from .registry import (
     COSYVOICE_ACTIVATION_CLASSES,
@@ -59,7 +60,7 @@ class BaseEncoder(torch.nn.Module):
         subsample = lookup(COSYVOICE_SUBSAMPLE_CLASSES, input_layer, "input_layer")
         self.embed = subsample(input_size, output_size, dropout_rate, pos_enc(output_size, positional_dropout_rate))
         self.normalize_before = normalize_before
-        self.after_norm = torch.nn.LayerNorm(output_size, eps=1e-5)
+        self.after_norm = LayerNorm(output_size, eps=1e-5)
         self.static_chunk_size = static_chunk_size
         self.use_dynamic_chunk = use_dynamic_chunk
         self.use_dynamic_left_chunk = use_dynamic_left_chunk
@@ -137,7 +138,7 @@ class BaseEncoder(torch.nn.Module):
         xs, pos_emb, _ = self.embed(xs, tmp_masks, offset)
         elayers, cache_t1 = att_cache.size(0), att_cache.size(2)
         attention_key_size = cache_t1 + xs.size(1)
-        pos_emb = self.embed.position_encoding(offset=offset - cache_t1, size=attention_key_size)
+        pos_emb = match_dtype(self.embed.position_encoding(offset=offset - cache_t1, size=attention_key_size), xs)
         if required_cache_size < 0:
             next_cache_start = 0
         elif required_cache_size == 0:

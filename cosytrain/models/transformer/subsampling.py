@@ -10,6 +10,8 @@ from typing import Tuple, Union
 
 import torch
 
+from .precision import LayerNorm
+
 Offset = Union[int, torch.Tensor]
 EmbedOut = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -34,7 +36,7 @@ class LinearNoSubsampling(BaseSubsampling):
         super().__init__()
         self.out = torch.nn.Sequential(
             torch.nn.Linear(idim, odim),
-            torch.nn.LayerNorm(odim, eps=1e-5),
+            LayerNorm(odim, eps=1e-5),
             torch.nn.Dropout(dropout_rate),
         )
         self.pos_enc = pos_enc_class
