@@ -6,7 +6,8 @@ Upstream loads ``cosyvoice.yaml`` / ``cosyvoice2.yaml`` / ``cosyvoice3.yaml`` wi
 
 1. ``_InertLoader`` (a ``yaml.SafeLoader``) turns every HyperPyYAML tag into an inert node object
    (:class:`New`, :class:`Name`, :class:`Apply`, :class:`Ref`, ...). Nothing named in the file is
-   imported; python tags (``!!python/...``) and unknown tags are refused.
+   imported; python tags (``!!python/...``) and unknown tags are refused. Plain scalars follow
+   YAML 1.2 (``1e-06`` is a float, ``yes`` a string), as they do after upstream's ruamel pass.
 2. Overrides are merged (nested, keys must exist, as ``load_hyperpyyaml`` does) and ``!ref``/``!copy``
    are resolved with a tiny arithmetic evaluator (numbers and ``+ - * / // % **`` only).
 3. Every name is checked against :mod:`cosytrain.models.registry`: known model classes/functions,
@@ -138,9 +139,17 @@ class Include:
 
 _CALL_KINDS: dict[str, type[_Call]] = {c.tag: c for c in (New, Name, Apply, Module)}
 _TUPLE_RE = re.compile(r"^\(.*\)$", re.S)
-# YAML 1.2 floats such as ``1e-06`` (PyYAML's 1.1 rules read them as strings). Upstream's first
-# pass (ruamel, YAML 1.2) reads them as floats, and e.g. ``sigma_min``/``lr`` must be numbers.
-_EXP_FLOAT_RE = re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+# Upstream's loader reads the file with ruamel (YAML 1.2) and writes it out again before PyYAML sees
+# it, so plain scalars mean what YAML 1.2 says: ``1e-06`` is a float (a string to PyYAML's 1.1
+# rules; ``sigma_min``/``lr`` must be numbers), ``yes``/``on`` are strings, ``0o17`` is 15, ``017``
+# is 17 and ``1:30`` is a string. Checked against hyperpyyaml 1.2.3 with ruamel.yaml 0.18.
+_BOOL12_RE = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")
+_INT12_RE = re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0o?[0-7_]+|[-+]?[0-9_]+|[-+]?0x[0-9a-fA-F_]+)$")
+_FLOAT12_RE = re.compile(
+    r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)"
+    r"|\.[0-9_]+(?:[eE][-+][0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+)
+_NUMBER_FIRST = list("-+0123456789.")
 _REF_RE = re.compile(r"<([^<>]*)>")
 
 
@@ -196,12 +205,11 @@ def _construct_tuple(loader: yaml.SafeLoader, node: yaml.Node) -> tuple[Any, ...
     text = str(loader.construct_scalar(node)).strip()
     if not _TUPLE_RE.match(text):
         raise UpstreamConfigError(f"{_where(loader, node)}: !tuple expects text like (1, 2), got {text!r}")
-    sub = _InertLoader("[" + text[1:-1] + "]")
-    sub.source_name = _where(loader, node)
+    # hyperpyyaml reads tuple items with PyYAML (YAML 1.1 rules, e.g. `(yes, 1e-06)` -> (True, '1e-06'))
     try:
-        items = sub.get_single_data()
-    finally:
-        sub.dispose()
+        items = yaml.load("[" + text[1:-1] + "]", Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        raise UpstreamConfigError(f"{_where(loader, node)}: cannot read {text!r} as a tuple") from None
     if not isinstance(items, list):
         raise UpstreamConfigError(f"{_where(loader, node)}: cannot read {text!r} as a tuple")
     return tuple(items)
@@ -235,8 +243,28 @@ _InertLoader.add_constructor("!copy", lambda loader, node: _construct_ref(loader
 _InertLoader.add_constructor("!PLACEHOLDER", lambda loader, node: Placeholder())
 _InertLoader.add_constructor("!tuple", _construct_tuple)
 _InertLoader.add_constructor(None, _construct_undefined)
+
+
+def _construct_int12(loader: yaml.SafeLoader, node: yaml.Node) -> int:
+    text = str(loader.construct_scalar(node)).replace("_", "")
+    sign = -1 if text.startswith("-") else 1
+    text = text.lstrip("+-")
+    for prefix, base in (("0b", 2), ("0o", 8), ("0x", 16)):
+        if text.startswith(prefix):
+            return sign * int(text[2:], base)
+    return sign * int(text, 10)  # YAML 1.2: a leading 0 is not octal
+
+
+_InertLoader.add_constructor("tag:yaml.org,2002:int", _construct_int12)
+_InertLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers
+            if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_InertLoader.add_implicit_resolver("tag:yaml.org,2002:bool", _BOOL12_RE, list("tTfF"))
+_InertLoader.add_implicit_resolver("tag:yaml.org,2002:int", _INT12_RE, _NUMBER_FIRST)
+_InertLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT12_RE, _NUMBER_FIRST)
 _InertLoader.add_implicit_resolver("!tuple", _TUPLE_RE, ["("])
-_InertLoader.add_implicit_resolver("tag:yaml.org,2002:float", _EXP_FLOAT_RE, list("-+0123456789"))
 
 
 def parse_upstream_yaml(text: str, source_name: str = "<config>") -> dict[str, Any]:
@@ -424,12 +452,16 @@ class _Resolver:
 
     def include(self, inc: Include, path: str) -> Any:
         if self.base_dir is None:
-            raise UpstreamConfigError(f"{self.source}: {path}: !include:{inc.filename} needs the config read from a file")
+            raise UpstreamConfigError(
+                f"{self.source}: {path}: !include:{inc.filename} needs the config read from a file"
+            )
         target = (self.base_dir / inc.filename).resolve()
         if self.base_dir.resolve() not in target.parents or self.depth > 8:
             raise UpstreamConfigError(
                 f"{self.source}: {path}: !include:{inc.filename} must name a file inside {self.base_dir}"
             )
+        if not target.is_file():
+            raise UpstreamConfigError(f"{self.source}: {path}: !include:{inc.filename}: file not found")
         overrides = {k: self.node(v, _path_join(path, k)) for k, v in inc.overrides.items()}
         return _load_tree(target.read_text(), target.name, target.parent, overrides, self.depth + 1)
 
@@ -439,6 +471,7 @@ def _load_tree(text: str, source: str, base_dir: Path | None, overrides: Mapping
     tree = parse_upstream_yaml(text, source)
     if overrides:
         _merge_overrides(tree, overrides, source)
+    validate_names(tree, source)
     return _Resolver(tree, source, base_dir, depth).run()
 
 
@@ -447,13 +480,28 @@ def _load_tree(text: str, source: str, base_dir: Path | None, overrides: Mapping
 # --------------------------------------------------------------------------------------------------
 
 
+def _looks_like_path(path_or_text: str | Path) -> bool:
+    if isinstance(path_or_text, Path):
+        return True
+    text = str(path_or_text)
+    if "\n" in text or text.endswith((".yaml", ".yml")):
+        return "\n" not in text
+    try:
+        return Path(text).exists()
+    except (OSError, ValueError):  # e.g. a one-line yaml text too long for a file name
+        return False
+
+
 def _read_source(path_or_text: str | Path) -> tuple[str, str, Path | None]:
-    if isinstance(path_or_text, Path) or ("\n" not in path_or_text and path_or_text.endswith((".yaml", ".yml"))):
-        path = Path(path_or_text)
-        if not path.is_file():
-            raise UpstreamConfigError(f"config file {path} not found")
-        return path.read_text(encoding="utf-8"), path.name, path.parent
-    return path_or_text, "<config>", None
+    """(text, name for messages, folder for !include:) from a file, a model directory or yaml text."""
+    if not _looks_like_path(path_or_text):
+        return str(path_or_text), "<config>", None
+    path = Path(path_or_text)
+    if path.is_dir():
+        path = find_model_dir_config(path)
+    if not path.is_file():
+        raise UpstreamConfigError(f"config file {path} not found")
+    return path.read_text(encoding="utf-8"), path.name, path.parent
 
 
 def load_upstream_config(
@@ -473,13 +521,13 @@ def load_upstream_config(
     source = source_name or source
     if isinstance(overrides, str):
         overrides = parse_upstream_yaml(overrides, f"{source} overrides") if overrides.strip() else None
+    tree = parse_upstream_yaml(text, source)
+    if overrides:
+        _merge_overrides(tree, overrides, source)
+    validate_names(tree, source)  # before resolving, so an error names where a tag is written
     if resolve:
-        tree = _load_tree(text, source, base_dir, overrides)
-    else:
-        tree = parse_upstream_yaml(text, source)
-        if overrides:
-            _merge_overrides(tree, overrides, source)
-    validate_names(tree, source)
+        tree = _Resolver(tree, source, base_dir).run()
+        validate_names(tree, source)  # included files
     return tree
 
 
@@ -489,11 +537,16 @@ def find_model_dir_config(model_dir: str | Path) -> Path:
     for name in MODEL_CONFIG_NAMES:
         if (model_dir / name).is_file():
             return model_dir / name
-    raise UpstreamConfigError(f"{model_dir}: no {', '.join(MODEL_CONFIG_NAMES)} found; is this a CosyVoice model directory?")
+    raise UpstreamConfigError(
+        f"{model_dir}: no {', '.join(MODEL_CONFIG_NAMES)} found; is this a CosyVoice model directory?"
+    )
 
 
 def load_model_dir_config(model_dir: str | Path, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Load a model directory's config; ``qwen_pretrain_path`` defaults to ``<dir>/CosyVoice-BlankEN`` as upstream sets it."""
+    """Load a model directory's config.
+
+    ``qwen_pretrain_path`` defaults to ``<dir>/CosyVoice-BlankEN``, as upstream's CosyVoice2/3 set it.
+    """
     path = find_model_dir_config(model_dir)
     merged = dict(overrides or {})
     if "qwen_pretrain_path" not in merged and re.search(r"^qwen_pretrain_path\s*:", path.read_text(), re.M):
@@ -553,6 +606,20 @@ class _HyperDumper(yaml.SafeDumper):
     def ignore_aliases(self, data: Any) -> bool:  # shared nodes are written as !ref instead
         return True
 
+    def choose_scalar_style(self) -> str:
+        """Write tagged scalars plain (``!ref <a> * <b>``, bare ``!new:x.Y``) as upstream's files do."""
+        event = self.event
+        if event.tag and event.tag.startswith("!") and not event.style:
+            if self.analysis is None:
+                self.analysis = self.analyze_scalar(event.value)
+            a = self.analysis
+            plain_ok = a.allow_flow_plain if self.flow_level else a.allow_block_plain
+            if a.empty and not self.simple_key_context:
+                return ""
+            if not a.empty and not a.multiline and plain_ok:
+                return ""
+        return super().choose_scalar_style()
+
 
 def _represent_call(dumper: yaml.SafeDumper, data: _Call) -> yaml.Node:
     if data.args and data.kwargs:
@@ -578,17 +645,27 @@ def _represent_include(dumper: yaml.SafeDumper, data: Include) -> yaml.Node:
     return dumper.represent_scalar(f"!include:{data.filename}", "")
 
 
+def _represent_list(dumper: yaml.SafeDumper, data: list[Any]) -> yaml.Node:
+    def flat(item: Any) -> bool:
+        return item is None or isinstance(item, (str, int, float, bool))
+
+    inline = all(flat(i) or (isinstance(i, list) and all(map(flat, i))) for i in data)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=inline)
+
+
 for _kind in _CALL_KINDS.values():
     _HyperDumper.add_representer(_kind, _represent_call)
+_HyperDumper.add_representer(list, _represent_list)
 _HyperDumper.add_representer(tuple, _represent_tuple)
 _HyperDumper.add_representer(
     Ref, lambda d, r: d.represent_scalar("!copy" if r.copy else "!ref", r.expr)
 )
 _HyperDumper.add_representer(Placeholder, lambda d, p: d.represent_scalar("!PLACEHOLDER", ""))
 _HyperDumper.add_representer(Include, _represent_include)
-# Quote strings our loader (and upstream's YAML 1.2 first pass) would read back as floats/tuples.
+# Quote every string that YAML 1.1 (PyYAML) or 1.2 (ruamel) would read as something else.
 _HyperDumper.add_implicit_resolver("!tuple", _TUPLE_RE, ["("])
-_HyperDumper.add_implicit_resolver("tag:yaml.org,2002:float", _EXP_FLOAT_RE, list("-+0123456789"))
+_HyperDumper.add_implicit_resolver("tag:yaml.org,2002:int", _INT12_RE, _NUMBER_FIRST)
+_HyperDumper.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT12_RE, _NUMBER_FIRST)
 
 _KEY_RE = re.compile(r"[A-Za-z0-9_\-]+")
 
@@ -624,16 +701,21 @@ def _with_refs(value: Any, path: str | None, first: dict[int, str], seen: dict[i
     return out
 
 
-def dump_upstream_yaml(tree: Mapping[str, Any], stream: io.TextIOBase | None = None, *, header: str | None = None) -> str:
+def dump_upstream_yaml(
+    tree: Mapping[str, Any], stream: io.TextIOBase | None = None, *, header: str | None = None
+) -> str:
     """Render an inert tree (resolved or not) as HyperPyYAML text that ``load_hyperpyyaml`` accepts.
 
     A node object reachable twice (what a full ``!ref <key>`` produced) is written once and then as
     ``!ref <key[sub]>``, so upstream builds one shared instance again (e.g. ``hifigan.generator``).
     """
-    body = yaml.dump(
-        _with_refs(dict(tree), "", {}, {}), Dumper=_HyperDumper, sort_keys=False,
-        default_flow_style=False, allow_unicode=True, width=100,
-    )
+    try:
+        body = yaml.dump(
+            _with_refs(dict(tree), "", {}, {}), Dumper=_HyperDumper, sort_keys=False,
+            default_flow_style=False, allow_unicode=True, width=100,
+        )
+    except yaml.YAMLError as exc:  # e.g. a tensor or a built module left in the tree
+        raise UpstreamConfigError(f"cannot write the config as yaml: {exc}") from None
     text = (("".join(f"# {line}\n" for line in header.splitlines())) if header else "") + body
     if stream is not None:
         stream.write(text)
@@ -661,8 +743,8 @@ def build_parts(
     from cosytrain.models import registry
 
     if isinstance(config, (str, Path)):
-        source = source_name or (Path(config).name if isinstance(config, Path) or "\n" not in str(config) else "<config>")
-        config = load_upstream_config(config, overrides, source_name=source_name)
+        source = source_name or (_read_source(config)[1])
+        config = load_upstream_config(config, overrides, source_name=source)
     else:
         source = source_name or "<config>"
         if overrides:
@@ -700,9 +782,10 @@ def check_state_dict(model: Any, state_dict: Mapping[str, Any], name: str = "mod
     if unexpected:
         problems.append(f"{len(unexpected)} unexpected ({listing(unexpected)})")
     if mismatched:
-        problems.append(f"{len(mismatched)} shape-mismatched ("
-                        + listing(mismatched, lambda k: f"{k}: model {list(expected[k])} vs checkpoint {list(given[k])}")
-                        + ")")
+        def shapes(k: str) -> str:
+            return f"{k}: model {list(expected[k])} vs checkpoint {list(given[k])}"
+
+        problems.append(f"{len(mismatched)} shape-mismatched ({listing(mismatched, shapes)})")
     raise UpstreamConfigError(
         f"{name}: state dict does not fit the model built from the config: {'; '.join(problems)};"
         " check that the config and the checkpoint come from the same model"

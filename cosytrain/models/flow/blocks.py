@@ -201,7 +201,8 @@ class Attention(nn.Module):
     """Multi-head attention with diffusers ``Attention`` parameter names (``to_q``, ``to_out.0``).
 
     Only the configuration Matcha's ``BasicTransformerBlock`` builds is supported: no group/spatial
-    norm, no qk-norm, no residual inside. ``attention_mask`` is an additive bias of shape
+    norm, no qk-norm, no residual inside. ``upcast_attention`` is accepted for signature
+    compatibility; like diffusers' SDPA processor it has no effect. ``attention_mask`` is an additive bias of shape
     (B, T_q, T_k) or (B, heads, T_q, T_k), preferably FP32 (see ``mask_to_bias``).
     """
 

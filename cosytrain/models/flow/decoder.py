@@ -122,10 +122,8 @@ class ConditionalDecoder(nn.Module):
     def embed_time(self, t: torch.Tensor) -> torch.Tensor:
         """FP32 sinusoidal embedding, then the MLP (which autocast may run in FP16)."""
         emb = self.time_embeddings(t)
-        weight_dtype = self.time_mlp.linear_1.weight.dtype
-        if not torch.is_autocast_enabled(emb.device.type):
-            emb = emb.to(weight_dtype)  # a model cast with .half() gets FP16 input
-        return self.time_mlp(emb)
+        # no-op under autocast (FP32 weights); a model cast with .half() needs FP16 input
+        return self.time_mlp(emb.to(self.time_mlp.linear_1.weight.dtype))
 
     def attention_mask(self, x: torch.Tensor, mask: torch.Tensor, streaming: bool = False) -> torch.Tensor:
         """Boolean (B, T, T) mask: every query sees every valid key.
