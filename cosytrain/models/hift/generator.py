@@ -16,7 +16,6 @@ from typing import Any, Dict, List, Mapping, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.signal import get_window
 from torch import nn
 
 from cosytrain.models.hift.layers import (
@@ -25,7 +24,7 @@ from cosytrain.models.hift.layers import (
     CausalConv1dUpsample,
     ResBlock,
     fp32_region,
-    init_conv_weights,
+    upstream_init_weights,
 )
 from cosytrain.models.hift.source import SourceModuleHnNSF
 from cosytrain.models.hift.weight_norm import strip_generator_prefix, weight_norm
@@ -33,6 +32,17 @@ from cosytrain.models.hift.weight_norm import strip_generator_prefix, weight_nor
 __all__ = ["HiFTGenerator", "CausalHiFTGenerator", "strip_generator_prefix"]
 
 _DEFAULT_ISTFT = {"n_fft": 16, "hop_len": 4}
+
+
+def periodic_hann(n: int) -> torch.Tensor:
+    """float32 periodic Hann window, bit-identical to ``scipy.signal.get_window('hann', n, fftbins=True)``
+    cast to float32 (same float64 formula: 0.5 + 0.5*cos over n+1 points from -pi to pi, last dropped);
+    computed here so that importing the vocoder does not pull in scipy.signal."""
+    fac = np.linspace(-np.pi, np.pi, n + 1)
+    window = np.zeros(n + 1)
+    window += 0.5 * np.cos(0 * fac)
+    window += 0.5 * np.cos(fac)
+    return torch.from_numpy(window[:n].astype(np.float32))
 
 
 class HiFTGenerator(nn.Module):
@@ -128,11 +138,11 @@ class HiFTGenerator(nn.Module):
         return [(int(u), k, d) for u, k, d in zip(cum_rates, kernel_sizes, dilation_sizes)]
 
     def _finish_init(self, f0_predictor: Optional[nn.Module]) -> None:
-        self.source_downs.apply(init_conv_weights)  # a no-op upstream too for weight-normed convs
+        self.ups.apply(upstream_init_weights)
+        self.conv_post.apply(upstream_init_weights)
         self.reflection_pad = nn.ReflectionPad1d((1, 0))
-        window = get_window("hann", self.n_fft, fftbins=True).astype(np.float32)
         # Upstream keeps the periodic Hann window as a plain attribute (never in the state dict).
-        self.register_buffer("stft_window", torch.from_numpy(window), persistent=False)
+        self.register_buffer("stft_window", periodic_hann(self.n_fft), persistent=False)
         self.f0_predictor = f0_predictor
 
     # ------------------------------------------------------------------ FP32 spectral parts
@@ -200,9 +210,13 @@ class HiFTGenerator(nn.Module):
         return s.transpose(1, 2)
 
     def _predict_f0(self, speech_feat: torch.Tensor) -> torch.Tensor:
+        """F0 in the predictor's own dtype with autocast off: an FP16 F0 (about 0.1 Hz error at 200 Hz)
+        drifts the summed harmonic phase by a sizeable fraction of a cycle within a second."""
         if self.f0_predictor is None:
-            raise RuntimeError("HiFTGenerator: no f0_predictor was given; pass ConvRNNF0Predictor(...) to the constructor")
-        return self.f0_predictor(speech_feat)
+            raise RuntimeError(f"{type(self).__name__}: no f0_predictor was given; pass one to the constructor")
+        dtype = next(self.f0_predictor.parameters()).dtype
+        with fp32_region(speech_feat):
+            return self.f0_predictor(speech_feat.to(dtype))
 
     def forward(self, batch: Mapping[str, Any], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Training step input: ``batch['speech_feat']`` (B, T, 80) -> (generated speech (B, L), f0 (B, T))."""
@@ -326,8 +340,12 @@ class CausalHiFTGenerator(HiFTGenerator):
 
     @torch.inference_mode()
     def inference(self, speech_feat: torch.Tensor, finalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mel (B, 80, T) -> (speech, source). ``finalize=False``: the last 3 mel frames are F0 look-ahead
-        and the 4 before them conv_pre look-ahead, so speech covers T - 7 frames minus one frame's samples."""
+        """Mel (B, 80, T) -> (speech, source).
+
+        ``finalize=False`` (streaming chunk): the last 3 mel frames are only the F0 predictor's look-ahead,
+        the 4 before them only conv_pre's, and the last remaining frame's samples are held back, so
+        speech has (T - 3 - 4 - 1) * upsample_scale samples and source (T - 3) * upsample_scale.
+        """
         f0 = self.predict_f0_float64(speech_feat, finalize=finalize).to(speech_feat.dtype)
         s = self.f0_to_source(f0)
         if finalize:

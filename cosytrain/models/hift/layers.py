@@ -21,17 +21,16 @@ def get_padding(kernel_size: int, dilation: int = 1) -> int:
     return int((kernel_size * dilation - dilation) / 2)
 
 
-def init_conv_weights(module: nn.Module, mean: float = 0.0, std: float = 0.01) -> None:
-    """HiFi-GAN's N(0, 0.01) init for plain convs.
+def upstream_init_weights(module: nn.Module, mean: float = 0.0, std: float = 0.01) -> None:
+    """Upstream's ``init_weights`` (HiFi-GAN N(0, 0.01) for convs), applied to the same modules.
 
-    Upstream applies the same function to weight-normed convs too, where it writes into a freshly
-    computed ``weight`` tensor and so changes nothing; we skip those to keep the init identical.
+    Upstream only applies it to weight-normed convs, where ``weight`` is recomputed from g and v on
+    every access, so the fill lands in a temporary and the parameters keep PyTorch's default init.
+    It still draws from the global RNG; we keep the call so that a seeded build draws exactly the
+    numbers upstream's does (and therefore produces the same initial weights).
     """
-    if "Conv" in type(module).__name__ and not hasattr(module, "parametrizations"):
-        weight = getattr(module, "weight", None)
-        if isinstance(weight, torch.Tensor):
-            with torch.no_grad():
-                weight.normal_(mean, std)
+    if "Conv" in type(module).__name__:
+        module.weight.data.normal_(mean, std)
 
 
 class Snake(nn.Module):
@@ -130,6 +129,8 @@ class ResBlock(nn.Module):
         for dilation in dilations:
             self.convs1.append(weight_norm(self._conv(channels, kernel_size, dilation, causal)))
             self.convs2.append(weight_norm(self._conv(channels, kernel_size, 1, causal)))
+        self.convs1.apply(upstream_init_weights)
+        self.convs2.apply(upstream_init_weights)
         self.activations1 = nn.ModuleList([Snake(channels) for _ in dilations])
         self.activations2 = nn.ModuleList([Snake(channels) for _ in dilations])
 

@@ -165,7 +165,8 @@ class SourceModuleHnNSF(nn.Module):
         """x: f0 per sample (B, L, 1) -> (sine_merge (B, L, 1), noise (B, L, 1), uv (B, L, 1))."""
         with torch.no_grad():
             sine_wavs, uv, _ = self.l_sin_gen(x)
-        sine_merge = self.l_tanh(self.l_linear(sine_wavs))
+        with fp32_region(sine_wavs):  # tiny layer; keeps the whole excitation in the weights' dtype (FP32)
+            sine_merge = self.l_tanh(self.l_linear(sine_wavs.to(self.l_linear.weight.dtype)))
         if self.causal and not self.training:
             noise = self.uv[:, :uv.shape[1]].to(uv.device, uv.dtype) * self.sine_amp / 3
         else:
