@@ -1,0 +1,267 @@
+"""``python -m cosytrain demo-corpus``: a small multi-speaker English corpus made offline.
+
+Speech comes from libespeak-ng as shipped in the ``espeakng-loader`` wheel (library + voice data),
+driven through ctypes, so no system package and no download is needed. Several espeak voice variants
+with different pitch and rate stand in for speakers. The result is a Kaldi-style folder plus
+parquet shards prepared with the built-in (stand-in) tokenizer and speaker embedding: enough for
+every recipe to run end to end on any machine, not for a voice anyone would want to listen to.
+
+Determinism: libespeak-ng keeps hidden state between calls (its pitch "flutter" phase is never
+reset, not even by ``espeak_Terminate``), so the same sentence gives different samples depending on
+what was said before in the process. Synthesis therefore always runs in a fresh spawned process, in
+a fixed order, which makes the wav bytes identical from run to run. Voice variants with ``breath``
+noise (e.g. ``+f2``) are not reproducible even so, and are not used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from cosytrain.data.shards import atomic_write_text
+
+SAMPLE_RATE = 22050
+DEMO_VERSION = 1
+SENTENCES_FILE = Path(__file__).with_name("assets") / "demo_sentences.txt"
+
+
+@dataclass(frozen=True)
+class DemoVoice:
+    spk: str
+    voice: str  # espeak-ng voice name with a variant
+    pitch: int  # espeak 0-100, 50 = voice default
+    rate: int  # words per minute
+
+
+VOICES: tuple[DemoVoice, ...] = (
+    DemoVoice("spk1_usm", "en-us+m3", 35, 165),
+    DemoVoice("spk2_usf", "en-us+f1", 60, 155),
+    DemoVoice("spk3_rpm", "en-gb-x-rp+m1", 45, 175),
+    DemoVoice("spk4_rpf", "en-gb-x-rp+f4", 75, 160),
+    DemoVoice("spk5_scm", "en-gb-scotland+m7", 50, 150),
+)
+
+
+def default_root() -> Path:
+    """``$COSYTRAIN_HOME/demo`` when set, else ``~/.cache/cosytrain/demo``."""
+    home = os.environ.get("COSYTRAIN_HOME")
+    return Path(home) / "demo" if home else Path.home() / ".cache" / "cosytrain" / "demo"
+
+
+def load_sentences() -> list[str]:
+    lines = SENTENCES_FILE.read_text(encoding="utf-8").splitlines()
+    return [s.strip() for s in lines if s.strip()]
+
+
+def plan(num_utts: int | None = None) -> list[tuple[str, DemoVoice, str]]:
+    """(utt id, voice, sentence) for sentence i spoken by voice i mod len(VOICES)."""
+    sentences = load_sentences()
+    n = len(sentences) if num_utts is None else min(num_utts, len(sentences))
+    out = []
+    for i in range(n):
+        v = VOICES[i % len(VOICES)]
+        out.append((f"{v.spk}_{i:04d}", v, sentences[i]))
+    return out
+
+
+# --------------------------------------------------------------------------------- espeak-ng
+
+
+class _Espeak:
+    """Minimal ctypes binding: synchronous synthesis into a Python buffer via the synth callback."""
+
+    AUDIO_OUTPUT_SYNCHRONOUS = 2
+    POS_CHARACTER = 1
+    CHARS_UTF8 = 1
+    ENDPAUSE = 0x1000
+    RATE, PITCH = 1, 3
+
+    def __init__(self) -> None:
+        import ctypes
+
+        import espeakng_loader
+
+        self.ct = ctypes
+        self.lib = ctypes.CDLL(espeakng_loader.get_library_path())
+        self.libc = ctypes.CDLL(None)  # libc rand() feeds espeak's noise sources; pin it per utterance
+        self.lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+        self.lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
+        self.lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        self.lib.espeak_Synth.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int,
+                                          ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]
+        sr = self.lib.espeak_Initialize(self.AUDIO_OUTPUT_SYNCHRONOUS, 0,
+                                        espeakng_loader.get_data_path().encode(), 0)
+        if sr <= 0:
+            raise RuntimeError(f"libespeak-ng from espeakng-loader failed to initialise (code {sr})")
+        self.sample_rate = int(sr)
+        self._chunks: list = []
+        proto = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
+        self._cb = proto(self._on_audio)  # keep a reference: the library calls it later
+        self.lib.espeak_SetSynthCallback(self._cb)
+
+    def _on_audio(self, wav, n, events) -> int:
+        import numpy as np
+
+        if n > 0:
+            self._chunks.append(np.ctypeslib.as_array(wav, shape=(n,)).copy())
+        return 0
+
+    def say(self, text: str, voice: DemoVoice, seed: int = 0):
+        import numpy as np
+
+        self.libc.srand(seed)
+
+        if self.lib.espeak_SetVoiceByName(voice.voice.encode()) != 0:
+            raise RuntimeError(f"espeak-ng voice {voice.voice!r} not found in the espeakng-loader data")
+        self.lib.espeak_SetParameter(self.RATE, voice.rate, 0)
+        self.lib.espeak_SetParameter(self.PITCH, voice.pitch, 0)
+        self._chunks = []
+        data = text.encode("utf-8")
+        err = self.lib.espeak_Synth(data, len(data) + 1, 0, self.POS_CHARACTER, 0,
+                                    self.CHARS_UTF8 | self.ENDPAUSE, None, None)
+        self.lib.espeak_Synchronize()
+        if err != 0 or not self._chunks:
+            raise RuntimeError(f"espeak-ng failed to synthesise {text!r} (code {err})")
+        return np.concatenate(self._chunks).astype(np.float32) / 32768.0
+
+
+def _synthesise_job(items: list[tuple[str, DemoVoice, str]], wav_dir: str) -> list[str]:
+    """Runs in a fresh process: synthesise every item in order and write 16-bit wavs at 22.05 kHz."""
+    import numpy as np
+    import soundfile as sf
+
+    engine = _Espeak()
+    paths = []
+    for i, (utt, voice, text) in enumerate(items):
+        audio = engine.say(text, voice, seed=i)
+        if engine.sample_rate != SAMPLE_RATE:
+            import torch
+            import torchaudio.functional as AF
+
+            audio = AF.resample(torch.from_numpy(audio), engine.sample_rate, SAMPLE_RATE).numpy()
+        audio = np.clip(audio, -1.0, 1.0)
+        path = Path(wav_dir) / f"{utt}.wav"
+        sf.write(path, audio, SAMPLE_RATE, subtype="PCM_16", format="WAV")
+        paths.append(str(path))
+    return paths
+
+
+def synthesise(items: list[tuple[str, DemoVoice, str]], wav_dir: Path) -> list[str]:
+    """Synthesise in one fresh spawned process (see the module note on determinism)."""
+    wav_dir.mkdir(parents=True, exist_ok=True)
+    with mp.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_synthesise_job, (items, str(wav_dir)))
+
+
+# ------------------------------------------------------------------------------------- build
+
+
+def _shard_dir(root: Path, token_rate: int) -> Path:
+    return root / f"shards_{token_rate}hz"
+
+
+def build_demo_corpus(root: str | Path | None = None, num_utts: int | None = None, token_rate: int = 50,
+                      num_workers: int = 1, codebook_size: int = 256, force: bool = False,
+                      progress: bool = False) -> Path:
+    """Synthesise (if needed) and prepare the demo corpus; returns the shards' ``data.list``.
+
+    ``root/wavs`` + ``root/kaldi`` are shared by every token rate; shards go to ``root/shards_<rate>hz``.
+    ``num_utts`` makes a reduced corpus (the first N planned sentences) for quick tests.
+    """
+    root = Path(root) if root is not None else default_root()
+    root.mkdir(parents=True, exist_ok=True)
+    with _lock(root):
+        return _build_locked(root, num_utts, token_rate, num_workers, codebook_size, force, progress)
+
+
+@contextlib.contextmanager
+def _lock(root: Path) -> Iterator[None]:
+    """Serialise builders of one cache folder (parallel test sessions, several recipes at once)."""
+    import fcntl
+
+    with open(root / ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _build_locked(root: Path, num_utts: int | None, token_rate: int, num_workers: int, codebook_size: int,
+                  force: bool, progress: bool) -> Path:
+    from cosytrain.data.prepare import PrepareConfig, prepare
+    from cosytrain.data.sources import Utterance, write_kaldi_dir
+
+    items = plan(num_utts)
+    stamp = {"version": DEMO_VERSION, "num_utts": len(items), "voices": [v.__dict__ for v in VOICES],
+             "sentences_sha1": hashlib.sha1(SENTENCES_FILE.read_bytes()).hexdigest()}
+    stamp_path = root / "corpus.json"
+    kaldi = root / "kaldi"
+    have = stamp_path.is_file() and json.loads(stamp_path.read_text()) == stamp
+    if force or not have or not (kaldi / "wav.scp").is_file():
+        stamp_path.unlink(missing_ok=True)  # an interrupted rebuild must not look complete
+        for sub in ("wavs", "kaldi"):
+            shutil.rmtree(root / sub, ignore_errors=True)
+        for old in root.glob("shards_*hz"):
+            shutil.rmtree(old, ignore_errors=True)
+        paths = synthesise(items, root / "wavs")
+        utts = [Utterance(utt=u, wav=p, text=t, spk=v.spk) for (u, v, t), p in zip(items, paths)]
+        write_kaldi_dir(kaldi, utts)
+        atomic_write_text(stamp_path, json.dumps(stamp, indent=2))
+    cfg = PrepareConfig(src_dir=str(kaldi), des_dir=str(_shard_dir(root, token_rate)), fmt="kaldi",
+                        num_workers=num_workers, num_utts_per_parquet=100, token_rate=token_rate,
+                        codebook_size=codebook_size, progress=progress)
+    return prepare(cfg).data_list
+
+
+def ensure_demo_corpus(root: str | Path | None = None, token_rate: int = 50) -> Path:
+    """The demo ``data.list`` for ``token_rate``, building the corpus only when it is missing.
+
+    Preparation is resumable, so a complete cache costs only a check of each shard.
+    """
+    root = Path(root) if root is not None else default_root()
+    data_list = _shard_dir(root, token_rate) / "data.list"
+    stamp_path = root / "corpus.json"
+    if data_list.is_file() and stamp_path.is_file():
+        stamp = json.loads(stamp_path.read_text())
+        if stamp.get("version") == DEMO_VERSION and stamp.get("num_utts") == len(plan()):
+            return data_list
+    return build_demo_corpus(root, token_rate=token_rate)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m cosytrain demo-corpus",
+                                description="Synthesise the offline multi-speaker demo corpus with espeak-ng "
+                                            "and prepare it into parquet shards (built-in stand-in tokenizer "
+                                            "and speaker embedding).")
+    p.add_argument("--root", default=None, help=f"cache folder (default {default_root()})")
+    p.add_argument("--num_utts", type=int, default=None, help="only the first N sentences (default: all)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--token_rate", type=int, choices=[50, 25], default=None)
+    g.add_argument("--generation", choices=["v1", "v2", "v3"], default=None,
+                   help="v1 = 50 Hz tokens, v2/v3 = 25 Hz")
+    p.add_argument("--num_workers", type=int, default=1,
+                   help="prepare processes (default 1: at this size process start-up outweighs the work)")
+    p.add_argument("--codebook_size", type=int, default=256)
+    p.add_argument("--force", action="store_true", help="re-synthesise and re-prepare from scratch")
+    a = p.parse_args(argv)
+    rate = a.token_rate or (25 if a.generation in ("v2", "v3") else 50)
+    t0 = time.time()
+    try:
+        data_list = build_demo_corpus(a.root, a.num_utts, rate, a.num_workers, a.codebook_size, a.force,
+                                      progress=True)
+    except (RuntimeError, OSError, ValueError) as ex:
+        print(f"demo-corpus: {ex}", file=sys.stderr)
+        return 2
+    print(f"demo-corpus: {data_list} ({time.time() - t0:.1f}s)")
+    return 0

@@ -1,0 +1,100 @@
+"""The embedded demo corpus: the full default build (timed), determinism and speaker separation."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from cosytrain.data import demo_corpus as D
+from cosytrain.data import shards as S
+
+pytest.importorskip("espeakng_loader")
+
+BUILD_LIMIT_S = 120.0  # the issue's budget for the whole build on 2 cores
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    """The FULL default demo corpus, built once per test session (this is the CI build check)."""
+    root = tmp_path_factory.mktemp("demo_corpus")
+    t0 = time.perf_counter()
+    data_list = D.build_demo_corpus(root)
+    seconds = time.perf_counter() - t0
+    (root / "build_seconds.txt").write_text(f"{seconds:.2f}\n")
+    return root, data_list, seconds
+
+
+def test_full_default_build_within_budget(demo):
+    root, data_list, seconds = demo
+    print(f"\n[demo corpus] full default build: {seconds:.1f}s")
+    assert seconds < BUILD_LIMIT_S
+    assert data_list == root / "shards_50hz" / "data.list"
+    rows = list(S.iter_rows(data_list, columns=["utt", "spk", "text", "speech_token", "wav"]))
+    assert len(rows) == len(D.plan()) >= 200
+    assert len({r["spk"] for r in rows}) == len(D.VOICES) >= 4
+    assert not (root / "shards_50hz" / "skipped.tsv").read_text().splitlines()[1:]
+    kaldi = root / "kaldi"
+    for name in ("wav.scp", "text", "utt2spk", "spk2utt"):
+        assert (kaldi / name).is_file()
+    assert len((kaldi / "wav.scp").read_text().splitlines()) == len(rows)
+    # Text stays raw in the shards (tokenised at load time); audio is 22.05 kHz; tokens at 50 Hz.
+    sentences = set(D.load_sentences())
+    index = {r["utt"]: r for r in S.read_index(root / "shards_50hz")}
+    for r in rows[:: max(1, len(rows) // 20)]:
+        assert r["text"] in sentences
+        info = sf.info(r["wav"])
+        assert info.samplerate == 22050 and info.channels == 1
+        assert abs(len(r["speech_token"]) - 50 * info.duration) <= 2
+        assert index[r["utt"]]["sample_rate"] == 22050
+
+
+def test_builtin_speaker_embedding_separates_demo_speakers(demo):
+    _, data_list, _ = demo
+    rows = list(S.iter_rows(data_list, columns=["spk", "utt_embedding"]))
+    x = np.array([r["utt_embedding"] for r in rows])
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    spk = np.array([r["spk"] for r in rows])
+    train = np.arange(len(rows)) % 2 == 0
+    names = sorted(set(spk))
+    centroids = np.stack([x[train & (spk == s)].mean(0) for s in names])
+    pred = np.array(names)[np.argmax(x[~train] @ centroids.T, axis=1)]
+    accuracy = float((pred == spk[~train]).mean())
+    assert accuracy >= 0.8, accuracy  # chance is 1 / len(VOICES)
+
+
+def test_synthesis_is_byte_identical_across_runs(demo, tmp_path):
+    root, _, _ = demo
+    items = D.plan(6)
+    paths = D.synthesise(items, tmp_path / "wavs")
+    for (utt, _, _), p in zip(items, paths):
+        assert open(p, "rb").read() == (root / "wavs" / f"{utt}.wav").read_bytes()
+
+
+def test_ensure_reuses_cache_and_reduced_build(demo, tmp_path):
+    root, data_list, _ = demo
+    stamps = {p: os.stat(p).st_mtime_ns for p in S.read_data_list(data_list)}
+    t0 = time.perf_counter()
+    assert D.ensure_demo_corpus(root) == data_list
+    assert time.perf_counter() - t0 < 5
+    assert {p: os.stat(p).st_mtime_ns for p in stamps} == stamps
+    # A reduced corpus at 25 Hz (CosyVoice 2/3 token rate) via the command line.
+    assert D.main(["--root", str(tmp_path), "--num_utts", "12", "--generation", "v2", "--num_workers", "1",
+                   "--codebook_size", "32"]) == 0
+    stamp = json.loads((tmp_path / "corpus.json").read_text())
+    assert stamp["num_utts"] == 12
+    rows = list(S.iter_rows(tmp_path / "shards_25hz" / "data.list", columns=["wav", "speech_token"]))
+    assert len(rows) == 12
+    for r in rows:
+        assert abs(len(r["speech_token"]) - 25 * sf.info(r["wav"]).duration) <= 2
+
+
+def test_default_root_honours_cosytrain_home(monkeypatch, tmp_path):
+    monkeypatch.setenv("COSYTRAIN_HOME", str(tmp_path))
+    assert D.default_root() == tmp_path / "demo"
+    monkeypatch.delenv("COSYTRAIN_HOME")
+    assert D.default_root().parts[-3:] == (".cache", "cosytrain", "demo")
