@@ -1,0 +1,215 @@
+"""``CosyDataModule``: the data side of a recipe, configured from YAML through LightningCLI.
+
+Every option is a plain value with a documented default (v1's ``feat_extractor`` and upstream's
+example config), so ``data: {init_args: {...}}`` in a recipe is all it takes. Batches are dicts with
+upstream's key names (see ``pipeline.collate``). The data position (epoch, batches consumed) is
+part of the Lightning checkpoint, twice on purpose: through ``state_dict`` here and through the
+train loader being stateful (Lightning's fit loop), so resuming with ``ckpt_path`` continues the
+stream exactly where it stopped. How ranks get equal batch counts: see ``dataset.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+
+from cosytrain.data.dataset import (CosyIterableDataset, CosyLoader, ResumableCosyLoader, StreamOptions,
+                                    read_data_list, shard_facts)
+from cosytrain.data.pipeline import DataError, FeatureConfig, FilterConfig
+
+log = logging.getLogger(__name__)
+
+
+class CosyDataModule(pl.LightningDataModule):
+    """Parquet shards -> padded batches for the llm, flow or (``vocoder=True``) hift.
+
+    Args:
+        train_data: ``data.list`` of training shards (one path per line).
+        val_data: ``data.list`` of validation shards; none means no validation loader.
+        sample_rate: training sample rate (v1 22050, v2/v3 24000); audio is resampled to it.
+        n_fft, num_mels, hop_size, win_size, fmin, fmax, center: mel options (``feat_extractor``).
+        num_frames: v2/v3 pad the audio to a multiple of this many samples (960) before the mel;
+            -1 (v1) does not pad.
+        token_mel_ratio: when > 0, trim ``speech_feat``/``speech_token`` so feat = ratio x tokens
+            (v2/v3 flow training needs exactly that); 0 leaves both untouched.
+        text_tokenizer: ``byte`` (demo), ``whisper`` (v1), ``qwen`` (v2) or ``qwen3`` (v3).
+        text_tokenizer_path: the whisper vocabulary file or the CosyVoice-BlankEN folder.
+        min_length, max_length: keep utterances of this many 10 ms frames (upstream ``filter``).
+        token_min_length, token_max_length: keep utterances with this many text tokens.
+        min_output_input_ratio, max_output_input_ratio: text tokens per 10 ms frame bounds.
+        speech_token_size: speech token ids must be below this (v1 4096, v2/v3 6561); None skips.
+        embedding_dim: required length of ``utt_embedding``/``spk_embedding`` (campplus: 192).
+        normalize_embedding: L2-normalise embeddings (upstream ``parse_embedding(normalize=True)``).
+        shuffle_size, sort_size: buffer sizes of the sample shuffle and the length sort.
+        batch_type: ``dynamic`` (by ``max_frames_in_batch`` padded mel frames) or ``static``.
+        batch_size: utterances per batch for ``static``.
+        max_frames_in_batch: padded mel frames per batch for ``dynamic``.
+        use_spk_embedding: ``embedding`` = speaker embedding (SFT) instead of utterance embedding.
+        num_workers, pin_memory, prefetch_factor: DataLoader options (a fresh loader per epoch).
+        seed: data order seed (shard order, shuffle buffers, vocoder crops), mixed with the epoch.
+        vocoder: hift training: random ``truncate_length`` crops, adds ``speech``/``pitch_feat``.
+        truncate_length: vocoder crop length in samples (a multiple of ``hop_size``).
+        even_batches: ``pad`` (ranks with fewer batches repeat some) or ``drop`` (cut to fewest).
+        index_cache_dir: folder for per-shard facts (lengths, checks), reused by later runs.
+        min_sample_rate: audio below this rate is skipped rather than upsampled (upstream 16000).
+    """
+
+    def __init__(
+        self,
+        train_data: Optional[str] = None,
+        val_data: Optional[str] = None,
+        sample_rate: int = 22050,
+        n_fft: int = 1024,
+        num_mels: int = 80,
+        hop_size: int = 256,
+        win_size: int = 1024,
+        fmin: float = 0.0,
+        fmax: Optional[float] = 8000.0,
+        center: bool = False,
+        num_frames: int = -1,
+        token_mel_ratio: int = 0,
+        text_tokenizer: str = "byte",
+        text_tokenizer_path: Optional[str] = None,
+        min_length: float = 0.0,
+        max_length: float = 40960.0,
+        token_min_length: int = 1,
+        token_max_length: int = 200,
+        min_output_input_ratio: float = 0.0005,
+        max_output_input_ratio: float = 1.0,
+        speech_token_size: Optional[int] = 4096,
+        embedding_dim: int = 192,
+        normalize_embedding: bool = True,
+        shuffle_size: int = 1000,
+        sort_size: int = 500,
+        batch_type: str = "dynamic",
+        batch_size: int = 16,
+        max_frames_in_batch: int = 2000,
+        use_spk_embedding: bool = False,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        prefetch_factor: Optional[int] = None,
+        seed: int = 1986,
+        vocoder: bool = False,
+        truncate_length: int = 24576,
+        even_batches: str = "pad",
+        index_cache_dir: Optional[str] = None,
+        min_sample_rate: int = 16000,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        for name, path in (("train_data", train_data), ("val_data", val_data)):
+            if path is not None and not Path(path).is_file():
+                raise DataError(f"{name}: data list {path} not found; run `python -m cosytrain prepare` to make it")
+        self.train_data, self.val_data = train_data, val_data
+        self.num_workers, self.pin_memory, self.prefetch_factor = num_workers, pin_memory, prefetch_factor
+        self.index_cache_dir = index_cache_dir
+        feat = FeatureConfig(sample_rate=sample_rate, n_fft=n_fft, num_mels=num_mels, hop_size=hop_size,
+                             win_size=win_size, fmin=fmin, fmax=fmax, center=center, min_sample_rate=min_sample_rate,
+                             num_frames=num_frames, token_mel_ratio=token_mel_ratio, vocoder=vocoder,
+                             truncate_length=truncate_length, normalize_embedding=normalize_embedding)
+        filt = FilterConfig(min_length=min_length, max_length=max_length, token_min_length=token_min_length,
+                            token_max_length=token_max_length, min_output_input_ratio=min_output_input_ratio,
+                            max_output_input_ratio=max_output_input_ratio, speech_token_size=speech_token_size,
+                            embedding_dim=embedding_dim)
+        self.options = StreamOptions(feat=feat, filt=filt, text_tokenizer=text_tokenizer,
+                                     text_tokenizer_path=text_tokenizer_path, shuffle=True, shuffle_size=shuffle_size,
+                                     sort_size=sort_size, batch_type=batch_type, batch_size=batch_size,
+                                     max_frames_in_batch=max_frames_in_batch, use_spk_embedding=use_spk_embedding,
+                                     seed=seed, even_batches=even_batches)
+        self.train_dataset: Optional[CosyIterableDataset] = None
+        self.val_dataset: Optional[CosyIterableDataset] = None
+        self._train_loader: Optional[ResumableCosyLoader] = None
+        self._pending_state: Optional[dict[str, Any]] = None
+        self._rank: Optional[tuple[int, int]] = None
+
+    # ------------------------------------------------------------------ setup
+    def set_rank(self, rank: int, world_size: int) -> None:
+        """Pin the rank/world size (tests, custom launchers); else the trainer's or torch.distributed's."""
+        self._rank = (int(rank), int(world_size))
+        for ds in (self.train_dataset, self.val_dataset):
+            if ds is not None:
+                ds.set_rank(*self._rank)
+
+    def _lists(self) -> list[tuple[str, str]]:
+        return [(name, path) for name, path in (("train", self.train_data), ("val", self.val_data)) if path]
+
+    def prepare_data(self) -> None:
+        """Rank 0 fills the shard-facts cache so the other ranks only read it in ``setup``."""
+        if self.index_cache_dir is None:
+            return
+        for _, path in self._lists():
+            for shard in read_data_list(path):
+                shard_facts(shard, self.index_cache_dir)
+
+    def _dataset(self, path: str, shuffle: bool) -> CosyIterableDataset:
+        opts = self.options if shuffle else dataclasses.replace(self.options, shuffle=False)
+        ds = CosyIterableDataset(read_data_list(path), opts, self.index_cache_dir, source=path)
+        rank = self._rank
+        if rank is None and self.trainer is not None:
+            rank = (self.trainer.global_rank, self.trainer.world_size)
+        if rank is not None:
+            ds.set_rank(*rank)
+        return ds
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if stage in (None, "fit") and self.train_dataset is None:
+            if not self.train_data:
+                raise DataError("CosyDataModule: train_data is not set; give the path of a data.list")
+            self.train_dataset = self._dataset(self.train_data, shuffle=True)
+        if stage in (None, "fit", "validate") and self.val_data and self.val_dataset is None:
+            self.val_dataset = self._dataset(self.val_data, shuffle=False)
+
+    # ------------------------------------------------------------ dataloaders
+    def _trainer_epoch(self) -> int:
+        return int(self.trainer.current_epoch) if self.trainer is not None else 0
+
+    def train_dataloader(self) -> ResumableCosyLoader:
+        if self.train_dataset is None:
+            self.setup("fit")
+        assert self.train_dataset is not None
+        # Lightning's training fetcher pulls one batch ahead of the one being trained on; a plain
+        # loop (no trainer) does not, so the consumed count needs no correction there.
+        attached = self.trainer is not None
+        loader = ResumableCosyLoader(self.train_dataset, self.num_workers, self.pin_memory, self.prefetch_factor,
+                                     epoch_fn=self._trainer_epoch if attached else None, name="train",
+                                     lookahead=1 if attached else 0)
+        if self._pending_state is not None:
+            loader.load_state_dict(self._pending_state)
+            self._pending_state = None
+        self._train_loader = loader
+        return loader
+
+    def val_dataloader(self) -> CosyLoader | list:
+        if self.val_data and self.val_dataset is None:
+            self.setup("validate")
+        if self.val_dataset is None:
+            return []
+        return CosyLoader(self.val_dataset, self.num_workers, self.pin_memory, self.prefetch_factor,
+                          epoch_fn=lambda: 0, name="val")
+
+    # ------------------------------------------------------------- position
+    def state_dict(self) -> dict[str, Any]:
+        if self._train_loader is not None:
+            return {"train": self._train_loader.state_dict()}
+        return {"train": dict(self._pending_state)} if self._pending_state else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state = state_dict.get("train") if state_dict else None
+        if self._train_loader is not None and state:
+            self._train_loader.load_state_dict(state)
+        else:
+            self._pending_state = dict(state) if state else None
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        """Rows skipped by reason: whole data set at planning, plus this rank's last train epoch."""
+        if self._train_loader is not None:
+            return dict(self._train_loader.skipped_report())
+        if self.train_dataset is not None:
+            return dict(self.train_dataset.index.skipped)
+        return dict(Counter())

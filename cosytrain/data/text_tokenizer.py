@@ -1,0 +1,176 @@
+"""Text tokenizers behind one interface: ``encode(text) -> list[int]`` and ``vocab_size``.
+
+Three kinds, picked by name so a YAML can choose one:
+
+* ``byte``: UTF-8 bytes, fixed vocabulary, no files. For the demo corpus and tests, where no
+  pretrained text embedding has to be matched.
+* ``whisper``: upstream v1's text tokenizer (``whisper.tokenizer.get_tokenizer(multilingual=True,
+  num_languages=100, language='en', task='transcribe')``, 51866 ids, the v1 ``text_token_size``).
+  Uses ``openai-whisper`` when installed, else ``tiktoken`` plus the ``multilingual.tiktoken``
+  vocabulary file given as ``path``. Both are optional; a missing one is a one-line error.
+* ``qwen``: upstream v2/v3's tokenizer, a Hugging Face tokenizer folder (``CosyVoice-BlankEN``)
+  loaded with ``local_files_only=True`` (never the network) plus upstream's added special tokens,
+  whose ids the pretrained LLM's text embedding depends on, so the list and its order are upstream's.
+"""
+
+from __future__ import annotations
+
+import base64
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from cosytrain.data.pipeline import DataError
+
+
+class TokenizerUnavailableError(DataError):
+    """The chosen tokenizer needs a package or file that is not there; the message names the fix."""
+
+
+@runtime_checkable
+class TextTokenizer(Protocol):
+    vocab_size: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+
+class ByteTokenizer:
+    """UTF-8 bytes shifted by ``offset``; id 0 stays free because batches are padded with 0."""
+
+    def __init__(self, offset: int = 1) -> None:
+        if offset < 0:
+            raise ValueError(f"byte tokenizer offset must be >= 0, got {offset}")
+        self.offset = offset
+        self.vocab_size = 256 + offset
+
+    def encode(self, text: str) -> list[int]:
+        return [b + self.offset for b in text.encode("utf-8")]
+
+    def decode(self, tokens: list[int]) -> str:
+        return bytes(t - self.offset for t in tokens if self.offset <= t < self.vocab_size).decode(
+            "utf-8", errors="replace")
+
+
+# openai-whisper's language order; the first ``num_languages`` become <|xx|> special tokens.
+WHISPER_LANGUAGES = (
+    "en zh de es ru ko fr ja pt tr pl ca nl ar sv it id hi fi vi he uk el ms cs ro da hu ta no th ur hr bg "
+    "lt la mi ml cy sk te fa lv bn sr az sl kn et mk br eu is hy ne mn bs kk sq sw gl mr pa si km sn yo so "
+    "af oc ka be tg sd gu am yi lo uz fo ht ps tk nn mt sa lb my bo tl mg as tt haw ln ha ba jw su yue"
+).split()
+_GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+class WhisperTokenizer:
+    """Whisper's multilingual BPE, encoding with every special token allowed (upstream: 'all')."""
+
+    def __init__(self, path: str | None = None, num_languages: int = 100) -> None:
+        self.num_languages = num_languages
+        try:
+            import whisper.tokenizer as wt  # type: ignore[import-not-found]
+        except ImportError:
+            wt = None
+        if wt is not None and path is None:
+            tok = wt.get_tokenizer(multilingual=True, num_languages=num_languages, language="en",
+                                   task="transcribe")
+            self._encoding = tok.encoding
+        else:
+            self._encoding = _tiktoken_whisper_encoding(path, num_languages)
+        self.vocab_size = int(self._encoding.n_vocab)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._encoding.encode(text, allowed_special="all"))
+
+    def decode(self, tokens: list[int]) -> str:
+        return self._encoding.decode(list(tokens))
+
+
+def _tiktoken_whisper_encoding(path: str | None, num_languages: int) -> Any:
+    """Rebuild openai-whisper's ``get_encoding('multilingual')`` from its vocabulary file."""
+    try:
+        import tiktoken  # type: ignore[import-not-found]
+    except ImportError as ex:
+        raise TokenizerUnavailableError(
+            "the whisper text tokenizer needs `pip install openai-whisper` or `pip install tiktoken` "
+            "plus text_tokenizer_path=<multilingual.tiktoken>") from ex
+    if path is None:
+        raise TokenizerUnavailableError(
+            "openai-whisper is not installed: set text_tokenizer_path to whisper's multilingual.tiktoken "
+            "(from the openai-whisper package's assets) to use tiktoken instead")
+    vocab = Path(path)
+    if vocab.is_dir():
+        vocab = vocab / "multilingual.tiktoken"
+    if not vocab.is_file():
+        raise TokenizerUnavailableError(f"whisper vocabulary {vocab} not found; point text_tokenizer_path at "
+                                        "openai-whisper's assets/multilingual.tiktoken")
+    ranks = {base64.b64decode(tok): int(rank)
+             for tok, rank in (line.split() for line in vocab.read_text().splitlines() if line)}
+    specials = ["<|endoftext|>", "<|startoftranscript|>",
+                *[f"<|{lang}|>" for lang in WHISPER_LANGUAGES[:num_languages]],
+                "<|translate|>", "<|transcribe|>", "<|startoflm|>", "<|startofprev|>", "<|nospeech|>",
+                "<|notimestamps|>", *[f"<|{i * 0.02:.2f}|>" for i in range(1501)]]
+    n = len(ranks)
+    return tiktoken.Encoding(name=vocab.name, explicit_n_vocab=n + len(specials), pat_str=_GPT2_PATTERN,
+                             mergeable_ranks=ranks, special_tokens={s: n + i for i, s in enumerate(specials)})
+
+
+# Upstream cosyvoice/tokenizer/tokenizer.py adds these (in this order) on top of the BlankEN folder.
+QWEN_V2_SPECIALS = (
+    "<|im_start|>", "<|im_end|>", "<|endofprompt|>", "[breath]", "<strong>", "</strong>", "[noise]",
+    "[laughter]", "[cough]", "[clucking]", "[accent]", "[quick_breath]", "<laughter>", "</laughter>",
+    "[hissing]", "[sigh]", "[vocalized-noise]", "[lipsmack]", "[mn]",
+)
+_V3_PHONES = (
+    "AA AA0 AA1 AA2 AE AE0 AE1 AE2 AH AH0 AH1 AH2 AO AO0 AO1 AO2 AW AW0 AW1 AW2 AY AY0 AY1 AY2 B CH D DH EH "
+    "EH0 EH1 EH2 ER ER0 ER1 ER2 EY EY0 EY1 EY2 F G HH IH IH0 IH1 IH2 IY IY0 IY1 IY2 JH K L M N NG OW OW0 OW1 "
+    "OW2 OY OY0 OY1 OY2 P R S SH T TH UH UH0 UH1 UH2 UW UW0 UW1 UW2 V W Y Z ZH "
+    "a ai an ang ao b c ch d e ei en eng f g h i ian in ing iu ià iàn iàng iào iá ián iáng iáo iè ié iòng "
+    "ióng iù iú iā iān iāng iāo iē iě iōng iū iǎ iǎn iǎng iǎo iǒng iǔ j k l m n o ong ou p q r s sh t u uang "
+    "ue un uo uà uài uàn uàng uá uái uán uáng uè ué uì uí uò uó uā uāi uān uāng uē uě uī uō uǎ uǎi uǎn uǎng "
+    "uǐ uǒ vè w x y z zh à ài àn àng ào á ái án áng áo è èi èn èng èr é éi én éng ér ì ìn ìng í ín íng ò "
+    "òng òu ó óng óu ù ùn ú ún ā āi ān āng āo ē ēi ēn ēng ě ěi ěn ěng ěr ī īn īng ō ōng ōu ū ūn ǎ ǎi ǎn "
+    "ǎng ǎo ǐ ǐn ǐng ǒ ǒng ǒu ǔ ǔn ǘ ǚ ǜ"
+).split()
+QWEN_V3_SPECIALS = QWEN_V2_SPECIALS + ("<|endofsystem|>",) + tuple(f"[{p}]" for p in _V3_PHONES)
+
+
+class QwenTokenizer:
+    """A local Hugging Face tokenizer folder plus upstream's special tokens for v2 or v3."""
+
+    def __init__(self, path: str, version: str = "cosyvoice2") -> None:
+        if version not in ("cosyvoice2", "cosyvoice3"):
+            raise ValueError(f"qwen tokenizer version must be 'cosyvoice2' or 'cosyvoice3', got {version!r}")
+        folder = Path(path)
+        if not folder.is_dir():
+            raise TokenizerUnavailableError(
+                f"qwen tokenizer folder {folder} not found; point text_tokenizer_path at the model's "
+                "CosyVoice-BlankEN folder")
+        from transformers import AutoTokenizer
+
+        self._tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        specials = QWEN_V3_SPECIALS if version == "cosyvoice3" else QWEN_V2_SPECIALS
+        self._tok.add_special_tokens({"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+                                      "additional_special_tokens": list(specials)})
+        self.vocab_size = len(self._tok)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tok([text])["input_ids"][0])
+
+    def decode(self, tokens: list[int]) -> str:
+        return self._tok.decode(list(tokens), skip_special_tokens=True)
+
+
+TOKENIZER_KINDS = ("byte", "whisper", "qwen", "qwen3")
+
+
+@lru_cache(maxsize=8)
+def build_text_tokenizer(kind: str = "byte", path: str | None = None) -> TextTokenizer:
+    """Build (once per process) the tokenizer named ``kind``; ``qwen3`` is ``qwen`` with v3's tokens."""
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind == "whisper":
+        return WhisperTokenizer(path)
+    if kind in ("qwen", "qwen2", "qwen3"):
+        if path is None:
+            raise TokenizerUnavailableError(f"text_tokenizer={kind!r} needs text_tokenizer_path=<CosyVoice-BlankEN folder>")
+        return QwenTokenizer(path, version="cosyvoice3" if kind == "qwen3" else "cosyvoice2")
+    raise DataError(f"unknown text tokenizer {kind!r}; choose one of {', '.join(TOKENIZER_KINDS)}")

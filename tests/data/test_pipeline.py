@@ -1,0 +1,291 @@
+"""Processor stages: bad rows skipped and counted, batching, padding keys, features match features.py.
+
+The helpers at the top build tiny parquet shards with pyarrow + soundfile (the shard schema of
+``cosytrain/data/shards.py``) and are shared by the dataset and datamodule tests.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from collections import Counter
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import soundfile as sf
+import torch
+
+from cosytrain.data import pipeline as P
+from cosytrain.data.pipeline import FeatureConfig, FilterConfig
+from cosytrain.data.text_tokenizer import ByteTokenizer
+
+SR = 22050
+
+
+def wav_bytes(seconds: float, sr: int = SR, freq: float = 220.0, subtype: str = "PCM_16",
+              samples: Optional[np.ndarray] = None, channels: int = 1) -> bytes:
+    if samples is None:
+        t = np.arange(int(seconds * sr)) / sr
+        samples = (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+    if channels > 1:
+        samples = np.stack([samples] * channels, axis=1)
+    buf = io.BytesIO()
+    sf.write(buf, samples, sr, format="WAV", subtype=subtype)
+    return buf.getvalue()
+
+
+def make_row(utt: str, seconds: float = 0.5, sr: int = SR, text: str = "hello world", n_tokens: Optional[int] = None,
+             spk: str = "spk1", emb_dim: int = 192, seed: int = 0, **overrides: Any) -> dict[str, Any]:
+    rng = np.random.default_rng(seed)
+    n_tokens = int(seconds * 50) if n_tokens is None else n_tokens
+    row = {
+        "utt": utt, "wav": f"/x/{utt}.wav", "audio_data": wav_bytes(seconds, sr, freq=150 + 10 * (seed % 20)),
+        "text": text, "spk": spk,
+        "utt_embedding": rng.normal(size=emb_dim).tolist(), "spk_embedding": rng.normal(size=emb_dim).tolist(),
+        "speech_token": rng.integers(0, 4096, size=n_tokens).tolist(),
+    }
+    row.update(overrides)
+    return row
+
+
+SCHEMA = pa.schema([("utt", pa.string()), ("wav", pa.string()), ("audio_data", pa.binary()), ("text", pa.string()),
+                    ("spk", pa.string()), ("utt_embedding", pa.list_(pa.float64())),
+                    ("spk_embedding", pa.list_(pa.float64())), ("speech_token", pa.list_(pa.int64()))])
+
+
+def write_shard(path: Path, rows: Sequence[dict[str, Any]], row_group_size: int = 4) -> str:
+    table = pa.Table.from_pylist([{k: r[k] for k in SCHEMA.names} for r in rows], schema=SCHEMA)
+    pq.write_table(table, str(path), row_group_size=row_group_size)
+    return str(path)
+
+
+def write_corpus(folder: Path, sizes: Sequence[int], seconds: Sequence[float] = (0.3, 0.5, 0.8, 1.1),
+                 name: str = "data.list") -> tuple[str, list[str]]:
+    """Shards of the given sizes with varied lengths; returns (data.list path, all utt ids)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shards, utts, k = [], [], 0
+    for s, size in enumerate(sizes):
+        rows = []
+        for _ in range(size):
+            utt = f"u{k:04d}"
+            rows.append(make_row(utt, seconds=seconds[k % len(seconds)] + 0.01 * (k % 7), seed=k,
+                                 text="text number %d" % k))
+            utts.append(utt)
+            k += 1
+        shards.append(write_shard(folder / f"parquet_{s:09d}.tar", rows))
+    (folder / name).write_text("".join(p + "\n" for p in shards))
+    return str(folder / name), utts
+
+
+def run_rows(rows: list[dict[str, Any]], feat: FeatureConfig = FeatureConfig(), fcfg: FilterConfig = FilterConfig(
+        speech_token_size=4096), skipped: Optional[Counter] = None, f0_fn: Any = None) -> list[dict[str, Any]]:
+    stages = P.sample_stages(ByteTokenizer(), fcfg, feat, skipped, truncate_rng=lambda s: random.Random(0), f0_fn=f0_fn)
+    return list(P.compose([dict(r) for r in rows], stages))
+
+
+# ---------------------------------------------------------------------------------------- tests
+
+
+def test_bad_rows_are_skipped_and_counted_by_reason() -> None:
+    nan = np.full(SR // 2, np.nan, dtype=np.float32)
+    rows = [
+        make_row("good"),
+        make_row("garbage_audio", audio_data=b"not a wav file at all"),
+        make_row("truncated_audio", audio_data=wav_bytes(0.5)[:30]),
+        make_row("nan_audio", audio_data=wav_bytes(0.5, samples=nan, subtype="FLOAT")),
+        make_row("empty_text", text="   "),
+        make_row("token_out_of_range", speech_token=[1, 2, 4096]),
+        make_row("negative_token", speech_token=[1, -3, 2]),
+        make_row("no_tokens", speech_token=[]),
+        make_row("short_embedding", emb_dim=191),
+        make_row("nan_embedding", utt_embedding=[float("nan")] * 192),
+        make_row("low_rate", sr=8000),
+    ]
+    skipped: Counter = Counter()
+    out = run_rows(rows, skipped=skipped)
+    assert [s["utt"] for s in out] == ["good"]
+    assert skipped == Counter({"undecodable_audio": 2, "nonfinite_audio": 1, "empty_text": 1,
+                               "speech_token_out_of_range": 2, "empty_speech_token": 1, "bad_embedding": 2,
+                               "low_sample_rate": 1})
+
+
+def test_filter_lengths_follow_upstream_units() -> None:
+    rows = [make_row("short", seconds=0.2), make_row("ok", seconds=0.5), make_row("long", seconds=1.0),
+            make_row("chatty", seconds=0.5, text="x" * 60)]
+    skipped: Counter = Counter()
+    fcfg = FilterConfig(min_length=30, max_length=80, token_max_length=50, speech_token_size=4096)
+    out = run_rows(rows, fcfg=fcfg, skipped=skipped)
+    assert [s["utt"] for s in out] == ["ok"]
+    assert skipped == Counter({"too_short": 1, "too_long": 1, "too_many_text_tokens": 1})
+
+
+def test_resample_and_fbank_match_features_module() -> None:
+    from cosytrain.data.features import mel_spectrogram
+    import torchaudio.functional as AF
+
+    row = make_row("a", seconds=0.6, sr=24000)
+    [sample] = run_rows([row])
+    wav, sr = sf.read(io.BytesIO(row["audio_data"]), dtype="float32")
+    ref_wave = AF.resample(torch.from_numpy(wav).unsqueeze(0), 24000, SR)
+    ref = mel_spectrogram(ref_wave, n_fft=1024, num_mels=80, sampling_rate=SR, hop_size=256, win_size=1024,
+                          fmin=0, fmax=8000, center=False).squeeze(0).transpose(0, 1)
+    assert sample["sample_rate"] == SR
+    assert sample["speech_feat"].shape == ref.shape and ref.shape[1] == 80
+    torch.testing.assert_close(sample["speech_feat"], ref)
+    facts = P.row_facts(row)
+    assert P.expected_feat_frames(facts, FeatureConfig()) == ref.shape[0]
+
+
+def test_planned_frames_equal_real_frames_for_v2_options() -> None:
+    feat = FeatureConfig(sample_rate=24000, n_fft=1920, hop_size=480, win_size=1920, fmax=8000, num_frames=960,
+                         token_mel_ratio=2)
+    for i, (sec, sr, ntok) in enumerate([(0.53, 24000, 10), (0.71, 22050, 40), (0.9, 16000, 22)]):
+        row = make_row(f"r{i}", seconds=sec, sr=sr, n_tokens=ntok, speech_token=list(range(ntok)))
+        [s] = run_rows([row], feat=feat)
+        assert s["speech_feat"].shape[0] == P.expected_feat_frames(P.row_facts(row), feat)
+        assert s["speech_feat"].shape[0] == 2 * len(s["speech_token"])
+        assert s["speech"].shape[1] % 960 == 0
+
+
+def test_dynamic_batch_respects_frame_budget_and_never_yields_empty() -> None:
+    rng = random.Random(3)
+    lengths = [rng.randint(10, 120) for _ in range(200)] + [500]  # the last one alone exceeds the budget
+    batches = list(P.dynamic_batch(lengths, max_frames_in_batch=300, key=lambda x: x))
+    assert all(batches) and sum(len(b) for b in batches) == len(lengths)
+    for b in batches:
+        assert len(b) == 1 or max(b) * len(b) <= 300
+    assert [500] in batches
+    static = list(P.static_batch(range(10), 4))
+    assert [len(b) for b in static] == [4, 4, 2]
+
+
+def test_sort_within_buffer_and_seeded_shuffle() -> None:
+    data = list(range(100))
+    a = list(P.shuffle(data, 30, random.Random(7)))
+    b = list(P.shuffle(data, 30, random.Random(7)))
+    c = list(P.shuffle(data, 30, random.Random(8)))
+    assert a == b and a != c and sorted(a) == data
+    assert sorted(a[:30]) == data[:30]  # buffered: the first window only mixes the first 30
+    out = list(P.sort(a, 25, key=lambda x: x))
+    for i in range(0, 100, 25):
+        assert out[i:i + 25] == sorted(a[i:i + 25])
+
+
+def test_padding_keys_dtypes_and_order() -> None:
+    rows = [make_row("short", seconds=0.3, text="hi"), make_row("long", seconds=0.9, text="a longer text"),
+            make_row("mid", seconds=0.6, text="mid")]
+    samples = run_rows(rows)
+    batch = P.collate(samples, use_spk_embedding=False)
+    assert batch["utts"] == ["long", "mid", "short"] and batch["text"] == ["a longer text", "mid", "hi"]
+    expect = {"text_token": torch.int64, "text_token_len": torch.int32, "speech_token": torch.int64,
+              "speech_token_len": torch.int32, "speech_feat": torch.float32, "speech_feat_len": torch.int32,
+              "embedding": torch.float32, "utt_embedding": torch.float32, "spk_embedding": torch.float32}
+    for key, dtype in expect.items():
+        assert batch[key].dtype == dtype, key
+    assert "speech" not in batch and "pitch_feat" not in batch
+    B = 3
+    assert batch["speech_feat"].shape[0] == B and batch["speech_feat"].shape[2] == 80
+    assert batch["embedding"].shape == (B, 192)
+    assert torch.equal(batch["embedding"], batch["utt_embedding"])
+    lens = batch["speech_feat_len"].tolist()
+    assert lens == sorted(lens, reverse=True) and batch["speech_feat"].shape[1] == lens[0]
+    assert torch.all(batch["speech_feat"][2, lens[2]:] == 0)
+    assert batch["text_token_len"].tolist() == [13, 3, 2]
+    assert torch.all(batch["text_token"][2, 2:] == 0)
+    torch.testing.assert_close(batch["embedding"].norm(dim=1), torch.ones(B))  # normalised as upstream
+    spk = P.collate(samples, use_spk_embedding=True)
+    assert torch.equal(spk["embedding"], spk["spk_embedding"]) and not torch.equal(spk["embedding"], batch["embedding"])
+
+
+def test_vocoder_mode_adds_speech_and_pitch() -> None:
+    feat = FeatureConfig(vocoder=True, truncate_length=256 * 40)
+    rows = [make_row("long", seconds=0.9), make_row("short", seconds=0.2)]
+    calls = []
+
+    def fake_f0(wave, sr, hop, n):
+        calls.append((wave.shape, sr, hop, n))
+        return torch.full((n,), 100.0, dtype=torch.float64)
+
+    samples = run_rows(rows, feat=feat, f0_fn=fake_f0)
+    batch = P.collate(samples, gan=True)
+    assert batch["speech"].shape == (2, 256 * 40) and batch["speech"].dtype == torch.float32
+    assert batch["pitch_feat"].shape == batch["speech_feat"].shape[:2] and batch["pitch_feat"].dtype == torch.float32
+    assert batch["speech_feat"].shape[1] == 40 and [c[3] for c in calls] == [40, 40]
+    assert torch.all(batch["speech"][1, int(0.2 * SR):] == 0)  # short one zero-padded up to truncate_length
+
+
+def test_parquet_opener_skips_a_corrupt_shard(tmp_path: Path) -> None:
+    good = write_shard(tmp_path / "good.parquet", [make_row("a"), make_row("b")])
+    data = Path(good).read_bytes()
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(data[: len(data) // 2])
+    skipped: Counter = Counter()
+    rows = list(P.parquet_opener([str(bad), good], skipped=skipped))
+    assert [r["utt"] for r in rows] == ["a", "b"] and skipped == Counter({"corrupt_shard": 1})
+
+
+# ------------------------------------------------------------------------------- text tokenizers
+
+
+def test_byte_tokenizer_and_unknown_kind() -> None:
+    from cosytrain.data.pipeline import DataError
+    from cosytrain.data.text_tokenizer import build_text_tokenizer
+
+    tok = build_text_tokenizer("byte")
+    ids = tok.encode("hé")
+    assert ids == [ord("h") + 1, 0xC3 + 1, 0xA9 + 1] and tok.vocab_size == 257 and 0 not in ids
+    assert tok.decode(ids) == "hé"
+    with pytest.raises(DataError, match="unknown text tokenizer"):
+        build_text_tokenizer("sentencepiece")
+
+
+def test_whisper_tokenizer_missing_dependency_is_one_clear_error(tmp_path: Path) -> None:
+    from cosytrain.data.text_tokenizer import TokenizerUnavailableError, WhisperTokenizer
+
+    try:
+        import tiktoken  # noqa: F401
+    except ImportError:
+        with pytest.raises(TokenizerUnavailableError, match="tiktoken"):
+            WhisperTokenizer(str(tmp_path / "multilingual.tiktoken"))
+    else:
+        with pytest.raises(TokenizerUnavailableError, match="not found"):
+            WhisperTokenizer(str(tmp_path / "multilingual.tiktoken"))
+
+
+def _tiny_hf_tokenizer(folder: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<|endoftext|>": 0, "[UNK]": 1, "hello": 2, "world": 3}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(str(folder))
+
+
+@pytest.mark.parametrize("kind", ["qwen", "qwen3"])
+def test_qwen_tokenizer_adds_upstream_special_tokens_in_order(tmp_path: Path, kind: str) -> None:
+    from cosytrain.data.text_tokenizer import QWEN_V2_SPECIALS, QWEN_V3_SPECIALS, build_text_tokenizer
+
+    _tiny_hf_tokenizer(tmp_path / "blank")
+    tok = build_text_tokenizer(kind, str(tmp_path / "blank"))
+    specials = QWEN_V3_SPECIALS if kind == "qwen3" else QWEN_V2_SPECIALS
+    assert tok.vocab_size == 4 + len(specials)
+    assert tok.encode("hello [breath] world") == [2, 4 + specials.index("[breath]"), 3]
+    assert tok.encode("<|endofprompt|>") == [4 + 2]
+    if kind == "qwen3":
+        assert tok.encode("[AA1]") == [4 + specials.index("[AA1]")]
+        assert specials[:len(QWEN_V2_SPECIALS) + 1] == QWEN_V2_SPECIALS + ("<|endofsystem|>",)
+    assert len(set(specials)) == len(specials)
+
+
+def test_qwen_tokenizer_missing_folder(tmp_path: Path) -> None:
+    from cosytrain.data.text_tokenizer import TokenizerUnavailableError, build_text_tokenizer
+
+    with pytest.raises(TokenizerUnavailableError, match="CosyVoice-BlankEN"):
+        build_text_tokenizer("qwen", str(tmp_path / "nope"))
+    with pytest.raises(TokenizerUnavailableError, match="text_tokenizer_path"):
+        build_text_tokenizer("qwen", None)
