@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cosytrain.models.transformer.precision import LayerNorm as FP32LayerNorm
+
 # Upstream (cosyvoice.utils.common.mask_to_bias) uses this constant; kept for FP32 bit-compatibility.
 MASK_BIAS_VALUE = -1.0e10
 
@@ -136,9 +138,13 @@ class ResnetBlock1D(nn.Module):
     def __init__(self, dim: int, dim_out: int, time_emb_dim: int, groups: int = 8):
         super().__init__()
         self.mlp = nn.Sequential(nn.Mish(), nn.Linear(time_emb_dim, dim_out))
-        self.block1 = Block1D(dim, dim_out, groups=groups)
-        self.block2 = Block1D(dim_out, dim_out, groups=groups)
+        self.block1 = self.make_block(dim, dim_out, groups)
+        self.block2 = self.make_block(dim_out, dim_out, groups)
         self.res_conv = nn.Conv1d(dim, dim_out, 1)
+
+    def make_block(self, dim: int, dim_out: int, groups: int) -> nn.Module:
+        """Hook: the causal (v2) resnet swaps in ``CausalBlock1D`` at the same key positions."""
+        return Block1D(dim, dim_out, groups=groups)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, time_emb: torch.Tensor) -> torch.Tensor:
         h = self.block1(x, mask)
@@ -190,6 +196,70 @@ class Upsample1D(nn.Module):
         if self.use_conv:
             outputs = self.conv(outputs)
         return outputs
+
+
+# ----------------------------------------------------------------------------------------------
+# causal variants (CosyVoice 2 ``CausalConditionalDecoder``)
+# ----------------------------------------------------------------------------------------------
+
+
+class CausalConv1d(nn.Conv1d):
+    """Stride-1 conv padded with ``kernel_size - 1`` zeros on the left only: frame t never sees t+1.
+
+    Upstream's version also threads a streaming cache; cosytrain re-runs the whole prefix instead,
+    which gives the same numbers, so the cache is not implemented.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+                 dilation: int = 1, groups: int = 1, bias: bool = True):
+        if stride != 1:
+            raise ValueError(f"CausalConv1d supports stride 1 only, got {stride}")
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding=0, dilation=dilation,
+                         groups=groups, bias=bias)
+        self.causal_padding = (kernel_size - 1) * dilation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(F.pad(x, (self.causal_padding, 0), value=0.0))
+
+
+class Transpose(nn.Module):
+    """Swap two dims; a parameter-free slot that keeps upstream's Sequential indices (``block.2``)."""
+
+    def __init__(self, dim0: int, dim1: int):
+        super().__init__()
+        self.dim0 = dim0
+        self.dim1 = dim1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.transpose(self.dim0, self.dim1)
+
+
+class CausalBlock1D(nn.Module):
+    """Causal conv(k=3) -> LayerNorm over channels -> Mish (keys ``block.0`` conv, ``block.2`` norm).
+
+    GroupNorm would mix future frames into the statistics, hence the per-frame LayerNorm. It is the
+    FP32-under-autocast LayerNorm, so CPU and CUDA mixed precision agree.
+    """
+
+    def __init__(self, dim: int, dim_out: int):
+        super().__init__()
+        self.block = nn.Sequential(
+            CausalConv1d(dim, dim_out, 3),
+            Transpose(1, 2),
+            FP32LayerNorm(dim_out),
+            Transpose(1, 2),
+            nn.Mish(),
+        )
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.block(x * mask) * mask
+
+
+class CausalResnetBlock1D(ResnetBlock1D):
+    """``ResnetBlock1D`` built from ``CausalBlock1D`` (no GroupNorm, so ``groups`` is unused)."""
+
+    def make_block(self, dim: int, dim_out: int, groups: int) -> nn.Module:
+        return CausalBlock1D(dim, dim_out)
 
 
 # ----------------------------------------------------------------------------------------------

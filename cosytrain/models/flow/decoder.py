@@ -16,6 +16,9 @@ from torch import nn
 from cosytrain.models.flow.blocks import (
     BasicTransformerBlock,
     Block1D,
+    CausalBlock1D,
+    CausalConv1d,
+    CausalResnetBlock1D,
     Downsample1D,
     ResnetBlock1D,
     SinusoidalPosEmb,
@@ -23,6 +26,7 @@ from cosytrain.models.flow.blocks import (
     Upsample1D,
     mask_to_bias,
 )
+from cosytrain.models.transformer.mask import add_optional_chunk_mask
 
 
 class ConditionalDecoder(nn.Module):
@@ -181,3 +185,55 @@ class ConditionalDecoder(nn.Module):
             x = upsample(x * mask_up)
         x = self.final_block(x, mask_up)
         return self.final_proj(x * mask_up) * mask
+
+
+class CausalConditionalDecoder(ConditionalDecoder):
+    """CosyVoice 2's estimator (upstream ``cosyvoice.flow.decoder.CausalConditionalDecoder``).
+
+    Same U-Net walk and keys as v1, with left-padded convs and per-frame LayerNorm in every block,
+    causal convs instead of the last down/up-sampling step, and, with ``streaming=True``, attention
+    restricted to chunks of ``static_chunk_size`` frames (each frame sees its own chunk and all
+    earlier ones). ``streaming=False`` attends to every valid frame, as v1. The official config uses
+    one channel entry, so the non-causal ``Downsample1D``/``Upsample1D`` are never built there.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        channels: Sequence[int] = (256, 256),
+        dropout: float = 0.05,
+        attention_head_dim: int = 64,
+        n_blocks: int = 1,
+        num_mid_blocks: int = 2,
+        num_heads: int = 4,
+        act_fn: str = "snake",
+        static_chunk_size: int = 50,
+        num_decoding_left_chunks: int = 2,
+    ):
+        super().__init__(in_channels, out_channels, channels=channels, dropout=dropout,
+                         attention_head_dim=attention_head_dim, n_blocks=n_blocks, num_mid_blocks=num_mid_blocks,
+                         num_heads=num_heads, act_fn=act_fn)
+        self.static_chunk_size = static_chunk_size
+        # upstream passes this on, but its chunk mask ignores it (every earlier chunk stays visible)
+        self.num_decoding_left_chunks = num_decoding_left_chunks
+
+    def make_resnet(self, dim: int, dim_out: int, time_emb_dim: int) -> nn.Module:
+        return CausalResnetBlock1D(dim=dim, dim_out=dim_out, time_emb_dim=time_emb_dim)
+
+    def make_downsample(self, dim: int, is_last: bool) -> nn.Module:
+        return CausalConv1d(dim, dim, 3) if is_last else Downsample1D(dim)
+
+    def make_upsample(self, dim: int, is_last: bool) -> nn.Module:
+        return CausalConv1d(dim, dim, 3) if is_last else Upsample1D(dim, use_conv_transpose=True)
+
+    def make_final_block(self, dim: int) -> nn.Module:
+        return CausalBlock1D(dim, dim)
+
+    def attention_mask(self, x: torch.Tensor, mask: torch.Tensor, streaming: bool = False) -> torch.Tensor:
+        if not streaming:
+            return super().attention_mask(x, mask, streaming)
+        if self.static_chunk_size <= 0:
+            raise ValueError("streaming needs static_chunk_size > 0 in the decoder config (upstream: chunk_size * 2)")
+        return add_optional_chunk_mask(x, mask.bool(), False, False, 0, self.static_chunk_size,
+                                       self.num_decoding_left_chunks)

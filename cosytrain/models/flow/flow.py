@@ -159,3 +159,197 @@ class MaskedDiffWithXvec(nn.Module):
         if feat.shape[2] != mel_len2:
             raise RuntimeError(f"flow produced {feat.shape[2]} frames, expected {mel_len2}")
         return feat.float(), flow_cache
+
+
+# ------------------------------------------------------------------------------------------------
+# CosyVoice 2 / 3
+# ------------------------------------------------------------------------------------------------
+
+
+def _check_feat_matches(feat: torch.Tensor, frames: int, what: str) -> None:
+    if feat.shape[1] != frames:
+        raise ValueError(f"speech_feat has {feat.shape[1]} frames but the {what} gives {frames} "
+                         "(token_mel_ratio x speech tokens); trim feats to token_mel_ratio * tokens in the data")
+
+
+class _CausalFlowBase(nn.Module):
+    """What the v2 and v3 flows share: x-vector projection, token embedding, prompt conditions,
+    and the unified streaming/offline training coin (the first python ``random`` draw)."""
+
+    input_embedding: nn.Embedding
+    spk_embed_affine_layer: nn.Linear
+    decoder: nn.Module
+    output_size: int
+    pre_lookahead_len: int
+
+    def embed_speaker(self, embedding: torch.Tensor) -> torch.Tensor:
+        return self.spk_embed_affine_layer(F.normalize(embedding, dim=1))
+
+    def embed_tokens(self, token: torch.Tensor, token_len: torch.Tensor) -> torch.Tensor:
+        mask = (~make_pad_mask(token_len, token.shape[1])).unsqueeze(-1)
+        emb = self.input_embedding(torch.clamp(token, min=0).long())
+        return emb * mask.to(emb.dtype)
+
+    def encode(self, token: torch.Tensor, token_len: torch.Tensor, streaming: bool,
+               context: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Embedded tokens (B, T, D) -> mu (B, T_mel, 80) and its (B, T_mel) float valid mask."""
+        raise NotImplementedError
+
+    def forward(self, batch: Mapping[str, Any], device: torch.device) -> Dict[str, torch.Tensor]:
+        """Training loss; python/torch RNG consumed in upstream's order (streaming coin first)."""
+        token = _batch_tensor(batch, "speech_token", device)
+        token_len = _batch_tensor(batch, "speech_token_len", device)
+        feat = _batch_tensor(batch, "speech_feat", device)
+        feat_len = _batch_tensor(batch, "speech_feat_len", device)
+        embedding = _batch_tensor(batch, "embedding", device)
+
+        # upstream "unified training": half of the batches see chunk masks, half full context
+        streaming = random.random() < 0.5
+        embedding = self.embed_speaker(embedding)
+        h, mask = self.encode(self.embed_tokens(token, token_len), token_len, streaming)
+        _check_feat_matches(feat, h.shape[1], "encoder output")
+        conds = random_prompt_conds(feat, feat_len).transpose(1, 2)
+        loss, _ = self.decoder.compute_loss(
+            feat.transpose(1, 2).contiguous(),
+            mask.to(h.dtype).unsqueeze(1),
+            h.transpose(1, 2).contiguous(),
+            embedding,
+            cond=conds,
+            streaming=streaming,
+        )
+        return {"loss": loss}
+
+    @torch.inference_mode()
+    def inference(self, token: torch.Tensor, token_len: torch.Tensor, prompt_token: torch.Tensor,
+                  prompt_token_len: torch.Tensor, prompt_feat: torch.Tensor, prompt_feat_len: torch.Tensor,
+                  embedding: torch.Tensor, streaming: bool = False, finalize: bool = True,
+                  n_timesteps: int = 10) -> Tuple[torch.Tensor, None]:
+        """Mel (1, 80, T) for ``token`` after the prompt; the second value is None (no cache), as upstream.
+
+        ``finalize=False`` (a streaming chunk that is not the last) holds back the last
+        ``pre_lookahead_len`` tokens as look-ahead context, so it returns
+        ``token_mel_ratio * (n_tokens - pre_lookahead_len)`` frames. ``prompt_feat`` must have
+        ``token_mel_ratio`` frames per prompt token.
+        """
+        if token.shape[0] != 1:
+            raise ValueError(f"flow inference takes one utterance at a time, got batch {token.shape[0]}")
+        embedding = self.embed_speaker(embedding)
+        token, token_len = torch.cat([prompt_token, token], dim=1), prompt_token_len + token_len
+        emb = self.embed_tokens(token, token_len)
+        if finalize:
+            h, _ = self.encode(emb, token_len, streaming)
+        else:
+            n = self.pre_lookahead_len
+            if emb.shape[1] <= n:
+                raise ValueError(f"a non-final chunk needs more than pre_lookahead_len={n} tokens")
+            h, _ = self.encode(emb[:, :-n], token_len, streaming, context=emb[:, -n:])
+        mel_len1 = prompt_feat.shape[1]
+        mel_len2 = h.shape[1] - mel_len1
+        if mel_len2 <= 0:
+            raise ValueError(f"prompt_feat has {mel_len1} frames but prompt + tokens give only {h.shape[1]}")
+
+        conds = torch.zeros([1, mel_len1 + mel_len2, self.output_size], device=token.device, dtype=h.dtype)
+        conds[:, :mel_len1] = prompt_feat
+        mask = torch.ones(1, 1, mel_len1 + mel_len2, device=token.device, dtype=h.dtype)
+        feat, _ = self.decoder(
+            mu=h.transpose(1, 2).contiguous(),
+            mask=mask,
+            spks=embedding,
+            cond=conds.transpose(1, 2),
+            n_timesteps=n_timesteps,
+            streaming=streaming,
+        )
+        feat = feat[:, :, mel_len1:]
+        if feat.shape[2] != mel_len2:
+            raise RuntimeError(f"flow produced {feat.shape[2]} frames, expected {mel_len2}")
+        return feat.float(), None
+
+
+class CausalMaskedDiffWithXvec(_CausalFlowBase):
+    """v2 flow: ``UpsampleConformerEncoder`` (tokens -> 2x rate), ``encoder_proj``, causal CFM decoder."""
+
+    def __init__(
+        self,
+        input_size: int = 512,
+        output_size: int = 80,
+        spk_embed_dim: int = 192,
+        output_type: str = "mel",
+        vocab_size: int = 4096,
+        input_frame_rate: int = 50,
+        only_mask_loss: bool = True,
+        token_mel_ratio: int = 2,
+        pre_lookahead_len: int = 3,
+        encoder: Optional[nn.Module] = None,
+        decoder: Optional[nn.Module] = None,
+        decoder_conf: Optional[Dict[str, Any]] = None,
+    ):
+        super().__init__()
+        if encoder is None or decoder is None:
+            raise ValueError("CausalMaskedDiffWithXvec needs encoder and decoder modules "
+                             "(build them from the flow section of the config)")
+        self.input_size = input_size
+        self.output_size = output_size
+        self.decoder_conf = decoder_conf if decoder_conf is not None else _DEFAULT_DECODER_CONF
+        self.vocab_size = vocab_size
+        self.output_type = output_type
+        self.input_frame_rate = input_frame_rate
+        self.input_embedding = nn.Embedding(vocab_size, input_size)
+        self.spk_embed_affine_layer = nn.Linear(spk_embed_dim, output_size)
+        self.encoder = encoder
+        self.encoder_proj = nn.Linear(self.encoder.output_size(), output_size)
+        self.decoder = decoder
+        self.only_mask_loss = only_mask_loss
+        self.token_mel_ratio = token_mel_ratio
+        self.pre_lookahead_len = pre_lookahead_len
+
+    def encode(self, token: torch.Tensor, token_len: torch.Tensor, streaming: bool,
+               context: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        h, h_mask = self.encoder(token, token_len, context=context, streaming=streaming)
+        # the loss mask is the encoder's own output mask (upstream: h_lengths.sum(-1))
+        return self.encoder_proj(h), h_mask.squeeze(1)
+
+
+class CausalMaskedDiffWithDiT(_CausalFlowBase):
+    """v3 flow: no encoder; ``PreLookaheadLayer`` on the token embeddings, repeated ``token_mel_ratio``
+    times, conditions a DiT estimator."""
+
+    def __init__(
+        self,
+        input_size: int = 512,
+        output_size: int = 80,
+        spk_embed_dim: int = 192,
+        output_type: str = "mel",
+        vocab_size: int = 4096,
+        input_frame_rate: int = 50,
+        only_mask_loss: bool = True,
+        token_mel_ratio: int = 2,
+        pre_lookahead_len: int = 3,
+        pre_lookahead_layer: Optional[nn.Module] = None,
+        decoder: Optional[nn.Module] = None,
+        decoder_conf: Optional[Dict[str, Any]] = None,
+    ):
+        super().__init__()
+        if pre_lookahead_layer is None or decoder is None:
+            raise ValueError("CausalMaskedDiffWithDiT needs pre_lookahead_layer and decoder modules "
+                             "(build them from the flow section of the config)")
+        self.input_size = input_size
+        self.output_size = output_size
+        self.decoder_conf = decoder_conf if decoder_conf is not None else _DEFAULT_DECODER_CONF
+        self.vocab_size = vocab_size
+        self.output_type = output_type
+        self.input_frame_rate = input_frame_rate
+        self.input_embedding = nn.Embedding(vocab_size, input_size)
+        self.spk_embed_affine_layer = nn.Linear(spk_embed_dim, output_size)
+        self.pre_lookahead_len = pre_lookahead_len
+        self.pre_lookahead_layer = pre_lookahead_layer
+        self.decoder = decoder
+        self.only_mask_loss = only_mask_loss
+        self.token_mel_ratio = token_mel_ratio
+
+    def encode(self, token: torch.Tensor, token_len: torch.Tensor, streaming: bool,
+               context: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        # no chunk masks here: the look-ahead conv is causal apart from its fixed right context
+        h = self.pre_lookahead_layer(token, context=context)
+        mask = (~make_pad_mask(token_len, token.shape[1])).to(h.dtype)
+        return (h.repeat_interleave(self.token_mel_ratio, dim=1),
+                mask.repeat_interleave(self.token_mel_ratio, dim=1))

@@ -171,4 +171,53 @@ class ConditionalCFM(nn.Module):
         return loss, y
 
 
-__all__ = ["ConditionalCFM", "cfm_param"]
+# Upstream: ``set_all_random_seed(0); rand_noise = torch.randn([1, 80, 50 * 300])`` (300 s at 50 Hz).
+FIXED_NOISE_SEED = 0
+FIXED_NOISE_FRAMES = 50 * 300
+
+
+def fixed_noise(n_mels: int = 80, frames: int = FIXED_NOISE_FRAMES, seed: int = FIXED_NOISE_SEED) -> torch.Tensor:
+    """The (1, n_mels, frames) Gaussian noise upstream draws right after seeding torch with 0.
+
+    A private CPU generator seeded 0 yields the same numbers as ``torch.manual_seed(0); torch.randn``
+    without reseeding the global RNGs mid-construction as upstream does (its side effect on python
+    ``random``/numpy/torch is deliberately not reproduced). Built on the CPU even under a ``meta``
+    default device, so meta-device builds still carry the real noise.
+    """
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randn((1, n_mels, frames), generator=generator, device="cpu", dtype=torch.float32)
+
+
+class CausalConditionalCFM(ConditionalCFM):
+    """CosyVoice 2/3 flow matching: the inference noise is a fixed slice, not a fresh draw.
+
+    Frame i always gets the same noise, so re-synthesising a growing prefix chunk by chunk
+    (streaming) reproduces the frames already emitted. ``rand_noise`` is a plain attribute, as
+    upstream, so it is not in the state dict; only the slice used is moved to the input's device.
+    """
+
+    def __init__(self, in_channels: int, cfm_params: Any, n_spks: int = 1, spk_emb_dim: int = 64,
+                 estimator: Optional[nn.Module] = None):
+        super().__init__(in_channels, cfm_params, n_spks=n_spks, spk_emb_dim=spk_emb_dim, estimator=estimator)
+        self.rand_noise = fixed_noise()
+
+    def initial_noise(self, mu: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        frames = mu.shape[2]
+        if frames > self.rand_noise.shape[2]:
+            raise ValueError(f"flow input has {frames} mel frames; the fixed noise covers "
+                             f"{self.rand_noise.shape[2]} (300 s), so synthesise shorter segments")
+        noise = self.rand_noise[:, :, :frames].to(device=mu.device, dtype=torch.float32)
+        return noise.expand(mu.shape[0], -1, -1) * temperature
+
+    @torch.inference_mode()
+    def forward(self, mu: torch.Tensor, mask: torch.Tensor, n_timesteps: int,  # type: ignore[override]
+                temperature: float = 1.0, spks: Optional[torch.Tensor] = None,
+                cond: Optional[torch.Tensor] = None, streaming: bool = False) -> Tuple[torch.Tensor, None]:
+        """Mel (B, 80, T) from ``mu``; the second value is always None (upstream returns no cache)."""
+        z = self.initial_noise(mu, temperature)
+        feat = self.solve_euler(z, t_span=self.t_span(n_timesteps, mu.device), mu=mu, mask=mask, spks=spks,
+                                cond=cond, streaming=streaming)
+        return feat, None
+
+
+__all__ = ["CausalConditionalCFM", "ConditionalCFM", "cfm_param", "fixed_noise"]
