@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "test": ("cosytrain.tasks.lightning_cli:main", "run the test loop for a recipe"),
     "prepare": ("cosytrain.data.prepare:main", "turn a Kaldi- or LJSpeech-style folder into parquet shards"),
     "demo-corpus": ("cosytrain.data.demo_corpus:main", "synthesise and prepare the embedded demo corpus"),
+    "export": ("cosytrain.export:main", "export checkpoints to an upstream-layout model directory (averaging, --base)"),
 }
 
 
