@@ -71,9 +71,10 @@ def autocast_device(accelerator: Any) -> str:
     raise ValueError(f"precision: unsupported accelerator {accelerator!r}; use cpu, gpu/cuda, mps or auto")
 
 
-def _is_deepspeed(strategy: Any) -> bool:
-    name = strategy if isinstance(strategy, str) else type(strategy).__name__
-    return "deepspeed" in str(name).lower()
+def _brings_own_precision(strategy: Any) -> bool:
+    """DeepSpeed, FSDP and XLA need their own precision plugins; Lightning picks those from the string."""
+    name = str(strategy if isinstance(strategy, str) else type(strategy).__name__).lower()
+    return any(word in name for word in ("deepspeed", "fsdp", "xla"))
 
 
 def precision_plugin(precision: Any, accelerator: Any = "auto") -> Precision:
@@ -89,13 +90,14 @@ def precision_plugin(precision: Any, accelerator: Any = "auto") -> Precision:
 def apply_precision(trainer_kwargs: dict[str, Any]) -> dict[str, Any]:
     """Replace ``precision`` in Trainer kwargs by our explicit plugin (returns a new dict).
 
-    DeepSpeed brings its own precision handling, and any precision outside our three is passed
-    to Lightning unchanged; a plugin already in ``plugins`` wins.
+    DeepSpeed/FSDP/XLA bring their own precision handling (DeepSpeed: its own loss scaler, which
+    also skips overflowing steps), and any precision outside our three is passed to Lightning
+    unchanged; a plugin already in ``plugins`` wins.
     """
     kwargs = dict(trainer_kwargs)
     plugins = kwargs.get("plugins") or []
     plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
-    if any(isinstance(p, Precision) for p in plugins) or _is_deepspeed(kwargs.get("strategy")):
+    if any(isinstance(p, Precision) for p in plugins) or _brings_own_precision(kwargs.get("strategy")):
         return kwargs
     precision = kwargs.get("precision")
     if precision is None:

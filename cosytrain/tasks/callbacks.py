@@ -1,0 +1,176 @@
+"""Training callbacks: things to watch that are not the loss.
+
+* ``MelImageLogger``: a flow model can have a fine loss and still make blurry mels; an image of the
+  target next to a synthesised mel shows that at a glance (TensorBoard "Images" tab).
+* ``SkippedDataLogger``: the data pipeline drops utterances (too long, bad tokens, unreadable audio);
+  a silently growing count means the recipe's filters or the shards are wrong.
+* ``StepCheckpoint``: step-interval checkpoints that also keep ``last.ckpt`` current at the end.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import Any, Mapping
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+log = logging.getLogger(__name__)
+
+
+def _tensorboard(trainer: pl.Trainer) -> Any | None:
+    for logger in trainer.loggers:
+        experiment = getattr(logger, "experiment", None)
+        if experiment is not None and hasattr(experiment, "add_image"):
+            return experiment
+    return None
+
+
+def mel_to_image(mel: torch.Tensor, time_first: bool = True) -> torch.Tensor:
+    """A 2-D log-mel ((T, n_mels) if ``time_first`` else (n_mels, T)) -> (3, n_mels, T) RGB in [0, 1].
+
+    Low frequencies end up at the bottom, as in every spectrogram plot.
+    """
+    mel = mel.detach().float().cpu()
+    if mel.dim() != 2:
+        raise ValueError(f"mel_to_image expects a 2-D mel, got shape {list(mel.shape)}")
+    if time_first:
+        mel = mel.t()
+    lo, hi = mel.min(), mel.max()
+    norm = ((mel - lo) / (hi - lo).clamp_min(1e-5)).flip(0)
+    try:
+        from matplotlib import colormaps
+
+        return torch.from_numpy(colormaps["viridis"](norm.numpy())[..., :3]).permute(2, 0, 1).float()
+    except ImportError:  # grey image when matplotlib is missing
+        return norm.unsqueeze(0).repeat(3, 1, 1)
+
+
+def synthesize_mel(flow: torch.nn.Module, batch: Mapping[str, Any], device: torch.device) -> torch.Tensor | None:
+    """The flow's mel (n_mels, T) for the batch's first utterance with no prompt, or None if unsupported.
+
+    Uses upstream's ``inference(token, token_len, prompt_token, prompt_token_len, prompt_feat,
+    prompt_feat_len, embedding[, flow_cache])`` signature; other signatures are skipped.
+    """
+    infer = getattr(flow, "inference", None)
+    if infer is None or "speech_token" not in batch or "embedding" not in batch:
+        return None
+    n = int(batch["speech_token_len"][0]) if "speech_token_len" in batch else batch["speech_token"].shape[1]
+    n_mels = int(batch["speech_feat"].shape[-1]) if "speech_feat" in batch else 80
+    args = {
+        "token": batch["speech_token"][:1, :n].to(device),
+        "token_len": torch.tensor([n], dtype=torch.int32, device=device),
+        "prompt_token": torch.zeros(1, 0, dtype=torch.int32, device=device),
+        "prompt_token_len": torch.tensor([0], dtype=torch.int32, device=device),
+        "prompt_feat": torch.zeros(1, 0, n_mels, device=device),
+        "prompt_feat_len": torch.tensor([0], dtype=torch.int32, device=device),
+        "embedding": batch["embedding"][:1].to(device),
+        "flow_cache": torch.zeros(1, n_mels, 0, 2, device=device),
+        "finalize": True,
+    }
+    params = inspect.signature(infer).parameters
+    if any(p not in args for p, spec in params.items() if spec.default is inspect.Parameter.empty):
+        return None
+    out = infer(**{k: v for k, v in args.items() if k in params})
+    mel = out[0] if isinstance(out, (tuple, list)) else out
+    return mel[0].float() if mel.dim() == 3 else mel.float()
+
+
+class MelImageLogger(pl.Callback):
+    """On validation, logs the first utterance's target mel and (``synthesize=True``) the flow's own.
+
+    Args:
+        every_n_epochs: log on validation runs of every n-th epoch.
+        synthesize: also run ``flow.inference`` (ODE solve, costs a few forward passes).
+    """
+
+    def __init__(self, every_n_epochs: int = 1, synthesize: bool = True) -> None:
+        self.every_n_epochs = max(1, int(every_n_epochs))
+        self.synthesize = synthesize
+        self.logged: list[str] = []
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
+                                batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if batch_idx != 0 or dataloader_idx != 0 or trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        if trainer.current_epoch % self.every_n_epochs or not isinstance(batch, Mapping) or "speech_feat" not in batch:
+            return
+        writer = _tensorboard(trainer)
+        if writer is None:
+            return
+        step = trainer.global_step
+        length = int(batch["speech_feat_len"][0]) if "speech_feat_len" in batch else batch["speech_feat"].shape[1]
+        writer.add_image("val/mel_target", mel_to_image(batch["speech_feat"][0, :length]), step)
+        self.logged.append("val/mel_target")
+        flow = getattr(pl_module, "flow", None)
+        if self.synthesize and flow is not None:
+            try:
+                with torch.no_grad():
+                    mel = synthesize_mel(flow, batch, pl_module.device)
+            except Exception as err:  # a picture must never stop training
+                log.warning("MelImageLogger: flow.inference failed (%s); logging targets only", err)
+                self.synthesize = False
+                return
+            if mel is not None:
+                writer.add_image("val/mel_flow", mel_to_image(mel, time_first=False), step)
+                self.logged.append("val/mel_flow")
+
+
+class SkippedDataLogger(pl.Callback):
+    """Logs the datamodule's skipped-utterance counts (``datamodule.skipped``: reason -> count).
+
+    Logged as ``data/skipped_<reason>`` and ``data/skipped_total`` every ``every_n_steps`` steps.
+    """
+
+    def __init__(self, every_n_steps: int = 100) -> None:
+        self.every_n_steps = max(1, int(every_n_steps))
+
+    @staticmethod
+    def counts(trainer: pl.Trainer) -> dict[str, int]:
+        dm = getattr(trainer, "datamodule", None)
+        skipped = getattr(dm, "skipped", None)
+        if callable(skipped):
+            skipped = skipped()
+        return {str(k): int(v) for k, v in dict(skipped or {}).items()}
+
+    def _log(self, trainer: pl.Trainer) -> None:
+        counts = self.counts(trainer)
+        if not counts:
+            return
+        metrics = {f"data/skipped_{k}": float(v) for k, v in counts.items()}
+        metrics["data/skipped_total"] = float(sum(counts.values()))
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if trainer.is_global_zero and trainer.global_step % self.every_n_steps == 0:
+            self._log(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self._log(trainer)
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """Checkpoints every ``every_n_train_steps`` AND when an epoch ends or ``max_steps`` stops the run.
+
+    Lightning's ``ModelCheckpoint`` does one or the other; with only the step trigger, the final
+    state of a run that stops between two triggers is lost, and a second ModelCheckpoint for the
+    epoch end writes its own ``last-v1.ckpt``. One callback keeps a single ``last.ckpt`` that is
+    always the newest state, which is what ``--ckpt_path last`` resumes from.
+    """
+
+    def __init__(self, every_n_train_steps: int = 1000, save_top_k: int = -1, **kwargs: Any) -> None:
+        kwargs.setdefault("save_last", True)
+        super().__init__(every_n_train_steps=every_n_train_steps, save_top_k=save_top_k, **kwargs)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_skip_saving_checkpoint(trainer):  # e.g. a step trigger just saved this step
+            return
+        candidates = self._monitor_candidates(trainer)
+        self._save_topk_checkpoint(trainer, candidates)
+        self._save_last_checkpoint(trainer, candidates)
