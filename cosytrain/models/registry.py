@@ -7,9 +7,10 @@ reading a config imports nothing, and a generation whose classes are not written
 
 Names that appear in upstream configs but are never built here are *recognised-inert*: the
 dataset processors (cosytrain has its own data pipeline), the text tokenizers (the front end loads
-its tokenizer itself), the GAN wrapper/discriminators (built by the vocoder task from its own
-config) and the mel function aliases. A config may contain them; building a section that contains
-one is refused. Any other name, anywhere in the file, refuses the whole file.
+its tokenizer itself), the GAN wrapper ``HiFiGan`` (the vocoder task holds generator and
+discriminator itself), the unused DAC-style ``MultiResolutionDiscriminator`` and the mel function
+aliases. A config may contain them; building a section that contains one is refused. Any other
+name, anywhere in the file, refuses the whole file.
 
 ``!apply:`` is never executed. Upstream ships only the four seed setters below, at the top of every
 config; they are recognised and ignored because the weights come from the checkpoint, and the
@@ -70,6 +71,11 @@ CLASSES: dict[str, str] = {
     "cosyvoice.hifigan.generator.CausalHiFTGenerator": "cosytrain.models.hift.generator:CausalHiFTGenerator",
     "cosyvoice.hifigan.f0_predictor.CausalConvRNNF0Predictor":
         "cosytrain.models.hift.f0_predictor:CausalConvRNNF0Predictor",
+    # vocoder GAN discriminators (upstream hifigan section; the HiFiGan wrapper itself stays inert)
+    "cosyvoice.hifigan.discriminator.MultipleDiscriminator": "cosytrain.models.hift.discriminator:MultipleDiscriminator",
+    "cosyvoice.hifigan.discriminator.MultiResSpecDiscriminator":
+        "cosytrain.models.hift.discriminator:MultiResSpecDiscriminator",
+    "matcha.hifigan.models.MultiPeriodDiscriminator": "cosytrain.models.hift.discriminator:MultiPeriodDiscriminator",
 }
 
 # upstream function (for !name:) -> cosytrain "module:attr"
@@ -87,10 +93,7 @@ PLAIN_DICT_CLASSES = frozenset({"omegaconf.DictConfig"})
 INERT_NAMES = frozenset({
     "whisper.tokenizer.get_tokenizer",
     "cosyvoice.hifigan.hifigan.HiFiGan",
-    "cosyvoice.hifigan.discriminator.MultipleDiscriminator",
     "cosyvoice.hifigan.discriminator.MultiResolutionDiscriminator",
-    "cosyvoice.hifigan.discriminator.MultiResSpecDiscriminator",
-    "matcha.hifigan.models.MultiPeriodDiscriminator",
 })
 # Every name under these prefixes is inert too (forks add processors/tokenizers of their own).
 INERT_PREFIXES = ("cosyvoice.dataset.processor.", "cosyvoice.tokenizer.tokenizer.")

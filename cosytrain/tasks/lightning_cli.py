@@ -62,10 +62,8 @@ def build_trainer(**kwargs: Any):
 
 
 def _cli_class():
-    from lightning.pytorch import LightningDataModule
+    from lightning.pytorch import LightningDataModule, LightningModule
     from lightning.pytorch.cli import LightningCLI
-
-    from cosytrain.tasks.speech_task import SpeechTask
 
     class CosyLightningCLI(LightningCLI):
         def instantiate_classes(self) -> None:
@@ -79,7 +77,8 @@ def _cli_class():
             trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
             return self._instantiate_trainer(prepare_trainer_kwargs(trainer_config), extra_callbacks)
 
-    return CosyLightningCLI, SpeechTask, LightningDataModule
+    # any LightningModule: SpeechTask/LLMTask/FlowTask and the vocoder's HiFTTask
+    return CosyLightningCLI, LightningModule, LightningDataModule
 
 
 _NOISE = ("Subtypes:", "Errors:", "Given value", "Does not validate against any of the Union subtypes",
