@@ -40,11 +40,17 @@ def load_manifest(name: str) -> dict[str, Any]:
 
 
 @pytest.fixture(autouse=True)
-def _deterministic_threads():
-    """The fixtures were made with 2 threads; keep runs comparable and the machine responsive."""
+def _one_thread():
+    """One intra-op thread per test process.
+
+    The suite's tensors are tiny, so a second OpenMP thread buys nothing and, on a busy 2-core
+    machine (or beside the DDP tests' extra processes), spin-waiting threads made single tests
+    5-8x slower. The fixtures were made with 2 threads; 1 thread differs by at most ~1e-6
+    (reference README, section C), far inside every tolerance.
+    """
     import torch
 
     old = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
