@@ -28,19 +28,37 @@ Where the rest comes from
     Parts not in the checkpoints come from ``--base DIR`` (an upstream model directory), whose yaml
     is reused verbatim. Without a base, every part must come from checkpoints and the config is
     rebuilt from the training run (LightningCLI's ``<run>/config.yaml``: the parts'
-    ``class_path``/``init_args``) and written as upstream HyperPyYAML (CosyVoice 1 only for now).
-    Its front-end keys (``get_tokenizer``, ``feat_extractor``) are upstream v1's; when the run's
-    data module used another text tokenizer (the demo's ``byte``), the export warns and says so in
-    ``cosytrain.json``, because upstream's front end would then feed the LLM the wrong ids.
-    The ONNX front-end files and ``spk2info.pt`` (and a v2/v3 ``CosyVoice-BlankEN`` folder) are
-    copied from the base when present. Exported jit/onnx/TensorRT files of the base are not: they
-    hold the base's weights.
+    ``class_path``/``init_args``) and written as upstream HyperPyYAML: ``cosyvoice.yaml``,
+    ``cosyvoice2.yaml`` or ``cosyvoice3.yaml`` after the parts' classes (all three must be of one
+    generation). The front-end keys are upstream's for that generation (whisper ``get_tokenizer``
+    for v1; for v2/v3 ``get_qwen_tokenizer`` and a top-level ``qwen_pretrain_path: ''`` that the
+    llm's ``Qwen2Encoder`` refers to, set by upstream's loader to ``<dir>/CosyVoice-BlankEN``); the
+    v2/v3 ``feat_extractor`` takes the run's mel settings. For v2/v3 the Qwen folder the run's llm
+    was built from (``pretrain_path``: config, tokenizer files, weights if it has them) is copied as
+    ``CosyVoice-BlankEN`` (plus tokenizer files of a separate ``text_tokenizer_path``). A
+    config-only folder (the tiny recipes') loads in cosytrain; upstream's ``from_pretrained`` needs
+    weights in it.
+
+    The text tokenizer the run's data module used is recorded in ``cosytrain.json`` as
+    ``text_tokenizer`` (cosytrain's front end uses it); when it is not upstream's for the generation
+    (the demo's ``byte``), the export warns, because upstream's front end would feed the LLM the
+    wrong ids.
+
+    Front-end files: the ONNX files, the built-in stand-ins and ``spk2info.pt`` (and a v2/v3
+    ``CosyVoice-BlankEN`` folder) are copied from the base when present. The built-in stand-ins
+    ``speech_tokenizer_builtin.npz`` / ``campplus_builtin.npz`` that ``prepare`` fitted beside the
+    training shards' ``data.list`` (found through the runs' configs) are copied when the output has
+    none, and when there is no ``spk2info.pt`` yet one is written from the shards'
+    ``spk2embedding.pt``: ``{speaker: {'embedding': tensor (1, 192)}}``, each speaker's mean
+    utterance embedding, upstream's layout, so ``inference_sft`` knows the training speakers.
+    Exported jit/onnx/TensorRT files of the base are not copied: they hold the base's weights.
 
 Safety
     Checkpoints are read with ``torch.load(weights_only=True)``. The output directory is built
     in a temporary sibling and renamed into place only after it has been loaded back strictly
     through :mod:`cosytrain.modeldir` and has synthesised one short utterance (byte-tokenised
-    text -> speech tokens -> mel -> waveform) with finite numbers; otherwise the export fails and
+    text -> speech tokens -> mel -> waveform, with the generation's token-level model) with finite
+    numbers; otherwise the export fails and
     an existing directory is left as it was. ``cosytrain.json`` records the generation, the source
     checkpoints with their sha256, the averaging and the check.
 """
@@ -89,12 +107,20 @@ __all__ = [
     "select_checkpoints",
     "run_config_to_tree",
     "smoke_test",
+    "smoke_test_v23",
+    "speaker_info_from_shards",
     "export_model",
     "main",
 ]
 
 METADATA_FILE = "cosytrain.json"
 QWEN_DIR = "CosyVoice-BlankEN"
+SPK2INFO_FILE = "spk2info.pt"
+# The stand-in front ends ``cosytrain prepare`` fits and saves beside the shards' data.list.
+BUILTIN_FRONT_END_FILES = ("speech_tokenizer_builtin.npz", "campplus_builtin.npz")
+CONFIG_NAMES = {"v1": "cosyvoice.yaml", "v2": "cosyvoice2.yaml", "v3": "cosyvoice3.yaml"}
+# The text tokenizer upstream's front end uses for each generation's written config.
+UPSTREAM_TEXT_TOKENIZER = {"v1": "whisper", "v2": "qwen", "v3": "qwen3"}
 # Keys of the Lightning module that are never exported (the vocoder's GAN discriminator).
 _NEVER_EXPORTED = ("discriminator.",)
 
@@ -613,6 +639,157 @@ def _v1_config_tree(parts: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def _check_run_generations(parts: Mapping[str, Any], sources: Mapping[str, str], generation: str) -> None:
+    """All three parts of a config written from runs must be of one generation."""
+    from cosytrain.modeldir import _PART_CLASS_GENERATIONS
+
+    for part, tree in parts.items():
+        generations = _PART_CLASS_GENERATIONS.get(part, {}).get(getattr(tree, "target", ""), ())
+        if generations and generation not in generations:
+            found = " or ".join(GENERATION_NAMES[g] for g in generations)
+            raise ExportError(f"{sources.get(part, part)}: the {part} is {tree.target} ({found}) but the other parts"
+                              f" make a {GENERATION_NAMES[generation]} model; export parts of one generation")
+
+
+def _v23_config_tree(parts: Mapping[str, Any], generation: str, data_args: Mapping[str, Any]) -> dict[str, Any]:
+    """A complete upstream ``cosyvoice2.yaml``/``cosyvoice3.yaml`` around the three part trees.
+
+    As upstream's files: a top-level ``qwen_pretrain_path: ''`` that the llm's ``Qwen2Encoder`` and the
+    front end's ``get_qwen_tokenizer`` refer to; upstream's ``CosyVoice2``/``CosyVoice3`` (and
+    cosytrain's reader) override it with ``<model dir>/CosyVoice-BlankEN``. The mel settings of
+    ``feat_extractor`` are the run's data module's (the prompt mel must match the training mel).
+    """
+    from cosytrain.models.upstream_yaml import Apply, Name, Ref
+
+    llm = parts["llm"]
+    encoder = llm.kwargs.get("llm")
+    if getattr(encoder, "target", None) != "cosyvoice.llm.llm.Qwen2Encoder":
+        raise ExportError("run config: the llm has no Qwen2Encoder 'llm' argument; a CosyVoice 2/3 llm needs one")
+    encoder.kwargs["pretrain_path"] = Ref("<qwen_pretrain_path>")
+    flow = parts["flow"]
+    hift_rate = parts["hift"].kwargs.get("sampling_rate", 24000)
+    sample_rate = hift_rate if isinstance(hift_rate, int) else 24000
+    ratio = flow.kwargs.get("token_mel_ratio", 2)
+
+    def data(key: str, default: Any) -> Any:
+        value = data_args.get(key, default)
+        return value if value is None or isinstance(value, (int, float, bool)) else default
+
+    tokenizer_kwargs: dict[str, Any] = {"token_path": Ref("<qwen_pretrain_path>"), "skip_special_tokens": True}
+    if generation == "v3":
+        tokenizer_kwargs["version"] = "cosyvoice3"
+    return {
+        "__set_seed1": Apply("random.seed", [1986]),
+        "__set_seed2": Apply("numpy.random.seed", [1986]),
+        "__set_seed3": Apply("torch.manual_seed", [1986]),
+        "__set_seed4": Apply("torch.cuda.manual_seed_all", [1986]),
+        "sample_rate": sample_rate,
+        "llm_input_size": llm.kwargs.get("llm_input_size"),
+        "llm_output_size": llm.kwargs.get("llm_output_size"),
+        "spk_embed_dim": flow.kwargs.get("spk_embed_dim", 192),
+        "qwen_pretrain_path": "",
+        "token_frame_rate": flow.kwargs.get("input_frame_rate", 25),
+        "token_mel_ratio": ratio,
+        "llm": llm,
+        "flow": flow,
+        "hift": parts["hift"],
+        "get_tokenizer": Name("cosyvoice.tokenizer.tokenizer.get_qwen_tokenizer", [], tokenizer_kwargs),
+        "allowed_special": "all",
+        "feat_extractor": Name("matcha.utils.audio.mel_spectrogram", [], {
+            "n_fft": data("n_fft", 1920), "num_mels": data("num_mels", 80), "sampling_rate": sample_rate,
+            "hop_size": data("hop_size", 480), "win_size": data("win_size", 1920), "fmin": data("fmin", 0),
+            "fmax": data("fmax", 8000 if generation == "v2" else None), "center": data("center", False)}),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Files beside the weights: Qwen folder, built-in front ends, speakers
+# --------------------------------------------------------------------------------------------------
+
+
+def _run_config_paths(infos: Sequence[CheckpointInfo], run_configs: Sequence[Path]) -> list[Path]:
+    """Every run config that belongs to the export: given ones first, then those beside the checkpoints."""
+    found = [p for p in run_configs if p.is_file()]
+    for info in infos:
+        discovered = _find_run_config(info.path)
+        if discovered is not None and discovered.resolve() not in {p.resolve() for p in found}:
+            found.append(discovered)
+    return found
+
+
+def _data_args(config_path: Path) -> Mapping[str, Any]:
+    """``data.init_args`` of a run config; {} when the file is not a readable LightningCLI config."""
+    try:
+        return _init_args(_read_run_config(config_path).get("data"))
+    except ExportError:
+        return {}
+
+
+def _data_folders(config_paths: Sequence[Path]) -> list[Path]:
+    """Folders of the runs' ``data.list`` files (train first), where ``prepare`` leaves its side files."""
+    folders: list[Path] = []
+    for config_path in config_paths:
+        args = _data_args(config_path)
+        for key in ("train_data", "val_data"):
+            value = args.get(key)
+            if isinstance(value, str) and value:
+                folder = Path(value).parent
+                if folder.is_dir() and folder.resolve() not in {f.resolve() for f in folders}:
+                    folders.append(folder)
+    return folders
+
+
+def speaker_info_from_shards(spk2embedding_path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
+    """``spk2embedding.pt`` (speaker -> mean utterance embedding, as ``prepare`` writes it) in upstream's
+    ``spk2info.pt`` layout: ``{speaker: {'embedding': float32 tensor (1, dim)}}``."""
+    path = Path(spk2embedding_path)
+    try:
+        table = load_weights_file(path)
+    except ModelDirError as exc:
+        raise ExportError(str(exc)) from None
+    if not isinstance(table, Mapping) or not table:
+        raise ExportError(f"{path}: expected {{speaker: embedding}}")
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for spk, emb in table.items():
+        vector = torch.as_tensor(emb, dtype=torch.float32).reshape(1, -1)
+        if vector.shape[1] == 0 or not bool(torch.isfinite(vector).all()):
+            raise ExportError(f"{path}: speaker {spk!r} has an empty or non-finite embedding")
+        out[str(spk)] = {"embedding": vector}
+    return out
+
+
+def _qwen_folder(llm_tree: Any, run_source: str) -> Path:
+    """The Qwen2 folder the run's llm was built from (``Qwen2Encoder.pretrain_path``)."""
+    encoder = llm_tree.kwargs.get("llm") if hasattr(llm_tree, "kwargs") else None
+    raw = encoder.kwargs.get("pretrain_path") if hasattr(encoder, "kwargs") else None
+    if not isinstance(raw, str) or not raw:
+        raise ExportError(f"{run_source}: the llm's Qwen2Encoder has no pretrain_path; cannot copy {QWEN_DIR}")
+    path = Path(raw)
+    candidates = [path] if path.is_absolute() else [Path.cwd() / path]
+    if not path.is_absolute() and run_source.endswith(".yaml"):
+        candidates.append(Path(run_source).parent / path)
+    for candidate in candidates:
+        if (candidate / "config.json").is_file():
+            return candidate
+    raise ExportError(f"{run_source}: the llm's Qwen folder {raw} (pretrain_path) has no config.json here; run the"
+                      f" export from the training's working directory or pass --base DIR with a {QWEN_DIR} folder")
+
+
+def _copy_qwen_folder(source: Path, tokenizer_path: str | None, target: Path) -> list[str]:
+    """Copy the Qwen config/tokenizer/weights folder; tokenizer files from a separate tokenizer folder too."""
+    shutil.copytree(source, target)
+    copied = sorted(str(p.relative_to(target)) for p in target.rglob("*") if p.is_file())
+    if tokenizer_path:
+        extra = Path(tokenizer_path)
+        if extra.is_dir() and extra.resolve() != source.resolve():
+            for file in sorted(extra.iterdir()):
+                if file.is_file() and file.name.startswith(("tokenizer", "vocab", "merges", "special_tokens",
+                                                            "added_tokens")) and not (target / file.name).exists():
+                    shutil.copyfile(file, target / file.name)
+                    copied.append(file.name)
+    return copied
+
+
 # --------------------------------------------------------------------------------------------------
 # The synthesis check
 # --------------------------------------------------------------------------------------------------
@@ -666,6 +843,69 @@ def smoke_test(llm: torch.nn.Module, flow: torch.nn.Module, hift: torch.nn.Modul
             raise ExportError(f"check: tokens -> mel -> wav failed ({first[:200]}); do the parts fit together?") from None
     wav = result[0]["tts_speech"]
     frames = int(len(tokens) / flow.input_frame_rate * model.sample_rate / model.mel_hop)
+    if not bool(torch.isfinite(wav).all()):
+        raise ExportError(f"check: the synthesised waveform has {int((~torch.isfinite(wav)).sum())} non-finite"
+                          " samples; the flow or hift weights are broken")
+    if wav.shape[-1] != frames * model.mel_hop:
+        raise ExportError(f"check: expected {frames * model.mel_hop} samples, got {wav.shape[-1]}")
+    return {"text": CHECK_TEXT, "text_tokens": len(ids), "speech_tokens": len(tokens), "mel_frames": frames,
+            "samples": int(wav.shape[-1]), "sample_rate": model.sample_rate, "llm_loss": round(loss, 6),
+            "peak": round(float(wav.abs().max()), 6), "finite": True}
+
+
+def smoke_test_v23(llm: torch.nn.Module, flow: torch.nn.Module, hift: torch.nn.Module, generation: str,
+                   max_tokens: int = 25, seed: int = 0) -> dict[str, Any]:
+    """The CosyVoice 2/3 counterpart of :func:`smoke_test` (Qwen2 text table, causal flow, 24 kHz hift).
+
+    Python's and torch's global RNG states are left as they were (the llm's training layout draws
+    from python ``random``).
+    """
+    import random
+
+    from cosytrain.data.text_tokenizer import ByteTokenizer
+    from cosytrain.inference.model import CosyVoice2Model, CosyVoice3Model
+
+    model = (CosyVoice3Model if generation == "v3" else CosyVoice2Model)(llm, flow, hift, device="cpu")
+    text_vocab = int(llm.llm.model.get_input_embeddings().num_embeddings)
+    speech_vocab = int(llm.speech_token_size)
+    ids = [t % text_vocab for t in ByteTokenizer().encode(CHECK_TEXT)]
+    text = torch.tensor([ids], dtype=torch.int32)
+    py_state = random.getstate()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            random.seed(seed)
+            embedding = torch.nn.functional.normalize(
+                torch.randn(1, int(flow.spk_embed_affine_layer.in_features)), dim=1)
+            with torch.inference_mode():
+                speech = torch.randint(0, speech_vocab, (1, 20))
+                batch = {"text_token": text.long(),
+                         "text_token_len": torch.tensor([text.shape[1]], dtype=torch.int32),
+                         "speech_token": speech, "speech_token_len": torch.tensor([20], dtype=torch.int32),
+                         "embedding": embedding}
+                out = llm(batch, torch.device("cpu"))
+            loss = float(out["loss"])
+            if not math.isfinite(loss):
+                raise ExportError(f"check: the llm's teacher-forced loss is {loss}; the llm weights are broken")
+            empty = torch.zeros(1, 0, dtype=torch.int32)
+            try:
+                tokens = list(itertools.islice(model.speech_tokens(text, empty, empty, torch.zeros(0, 192)),
+                                               max_tokens))
+            except RuntimeError as exc:
+                raise ExportError(f"check: llm sampling failed ({str(exc).splitlines()[0]})") from None
+            if not tokens:
+                raise ExportError("check: the llm produced no speech tokens")
+            try:
+                result = list(model.tts(source_speech_token=torch.tensor([tokens], dtype=torch.int32),
+                                        flow_embedding=embedding))
+            except (RuntimeError, IndexError, ValueError) as exc:
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise ExportError(f"check: tokens -> mel -> wav failed ({first[:200]}); do the parts fit"
+                                  " together?") from None
+    finally:
+        random.setstate(py_state)
+    wav = result[0]["tts_speech"]
+    frames = len(tokens) * model.token_mel_ratio
     if not bool(torch.isfinite(wav).all()):
         raise ExportError(f"check: the synthesised waveform has {int((~torch.isfinite(wav)).sum())} non-finite"
                           " samples; the flow or hift weights are broken")
@@ -765,6 +1005,8 @@ def export_model(
 
     tokenizer: str | None = None
     front_end_note: str | None = None
+    qwen_source: Path | None = None
+    tokenizer_path: Any = None
     if base_dir is not None:
         generation, config_name = base_dir.generation, base_dir.config_path.name
         modules = base_dir.build(list(trained), device="meta")
@@ -784,21 +1026,36 @@ def export_model(
             generation = generation_of(run_parts)
         except ValueError as exc:
             raise ExportError(str(exc)) from None
-        if generation != "v1":
-            raise ExportError(f"writing a {GENERATION_NAMES[generation]} config from a training run is not supported"
-                              " yet; export with --base DIR (a model directory of that generation)")
-        config_name = "cosyvoice.yaml"
+        _check_run_generations(run_parts, run_sources, generation)
+        config_name = CONFIG_NAMES[generation]
         llm_run = run_sources.get("llm", "")
         tokenizer = _run_text_tokenizer(llm_run) if llm_run.endswith(".yaml") else None
-        if tokenizer is not None and tokenizer != "whisper":
+        upstream_tokenizer = UPSTREAM_TEXT_TOKENIZER[generation]
+        if tokenizer is not None and tokenizer != upstream_tokenizer and not (
+                generation == "v2" and tokenizer == "qwen2"):
             front_end_note = (f"the llm was trained with the {tokenizer!r} text tokenizer but the written config"
-                              " names upstream's whisper tokenizer (get_tokenizer); upstream's front end will not"
-                              " tokenize text the way this model expects")
+                              f" names upstream's {upstream_tokenizer} tokenizer (get_tokenizer); upstream's front end"
+                              " will not tokenize text the way this model expects (cosytrain's does: see"
+                              " text_tokenizer in cosytrain.json)")
             warnings.warn(front_end_note, RuntimeWarning, stacklevel=2)
-        config_text = dump_upstream_yaml(
-            _v1_config_tree(run_parts),
-            header=f"CosyVoice 1 config written by cosytrain {__version__} from the training run(s):\n"
-                   + "\n".join(sorted(set(run_sources.values()))))
+        header = (f"{GENERATION_NAMES[generation]} config written by cosytrain {__version__} from the training"
+                  " run(s):\n" + "\n".join(sorted(set(run_sources.values()))))
+        if generation == "v1":
+            config_text = dump_upstream_yaml(_v1_config_tree(run_parts), header=header)
+        else:
+            qwen_source = _qwen_folder(run_parts["llm"], llm_run)
+            llm_data = _data_args(Path(llm_run)) if llm_run.endswith(".yaml") and Path(llm_run).is_file() else {}
+            tokenizer_path = llm_data.get("text_tokenizer_path")
+            config_text = dump_upstream_yaml(_v23_config_tree(run_parts, generation, llm_data), header=header)
+
+    # side files of the runs' data: built-in front ends, speakers (spk2embedding.pt)
+    data_folders = _data_folders(_run_config_paths(infos, run_configs))
+    if tokenizer is None:
+        for config_path in _run_config_paths(infos, run_configs):
+            found_tokenizer = _data_args(config_path).get("text_tokenizer")
+            if isinstance(found_tokenizer, str):
+                tokenizer = found_tokenizer
+                break
 
     metadata: dict[str, Any] = {
         "format": 1,
@@ -813,6 +1070,7 @@ def export_model(
     }
     if tokenizer is not None:
         metadata["run_text_tokenizer"] = tokenizer
+        metadata["text_tokenizer"] = tokenizer
     if front_end_note is not None:
         metadata["warnings"] = [front_end_note]
 
@@ -832,21 +1090,39 @@ def export_model(
                     raise ExportError(f"{src}: not found; the base directory must hold {part}.pt")
                 shutil.copyfile(src, tmp / f"{part}.pt")
                 metadata["parts"][part] = {"source": "base", "path": str(src.resolve()), "sha256": _sha256(src)}
+        copied = metadata["front_end_files"]
         if base_dir is not None:
-            for name in FRONT_END_FILES:
+            for name in FRONT_END_FILES + BUILTIN_FRONT_END_FILES:
                 if (base_dir.path / name).is_file():
                     shutil.copyfile(base_dir.path / name, tmp / name)
-                    metadata["front_end_files"].append(name)
+                    copied.append(name)
             if (base_dir.path / QWEN_DIR).is_dir():
                 shutil.copytree(base_dir.path / QWEN_DIR, tmp / QWEN_DIR)
-                metadata["front_end_files"].append(QWEN_DIR + "/")
+                copied.append(QWEN_DIR + "/")
+        elif qwen_source is not None:
+            files = _copy_qwen_folder(qwen_source, tokenizer_path if isinstance(tokenizer_path, str) else None,
+                                      tmp / QWEN_DIR)
+            copied.append(QWEN_DIR + "/")
+            metadata["qwen"] = {"from": str(qwen_source.resolve()), "files": files}
+        # the stand-in front ends the training data was prepared with (the model knows only their tokens)
+        for name in BUILTIN_FRONT_END_FILES:
+            source = next((f / name for f in data_folders if (f / name).is_file()), None)
+            if source is not None and not (tmp / name).exists():
+                shutil.copyfile(source, tmp / name)
+                copied.append(name)
+        if not (tmp / SPK2INFO_FILE).exists():
+            table = next((f / "spk2embedding.pt" for f in data_folders if (f / "spk2embedding.pt").is_file()), None)
+            if table is not None:
+                torch.save(speaker_info_from_shards(table), tmp / SPK2INFO_FILE)
+                copied.append(SPK2INFO_FILE)
+                metadata["spk2info"] = {"from": str(table.resolve())}
         if check:
             try:
                 directory, parts = load_model_dir(tmp)
             except ModelDirError as exc:
                 raise ExportError(f"check: the written directory does not load back: {exc}") from None
             if directory.generation != "v1":
-                metadata["check"] = {"skipped": f"{GENERATION_NAMES[directory.generation]} synthesis not implemented"}
+                metadata["check"] = smoke_test_v23(parts["llm"], parts["flow"], parts["hift"], directory.generation)
             else:
                 metadata["check"] = smoke_test(parts["llm"], parts["flow"], parts["hift"])
         else:
@@ -878,8 +1154,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="average the N best (validation score) or N latest checkpoints; default: all given")
     parser.add_argument("--monitor", help="metric for best:N when the checkpoints monitor several")
     parser.add_argument("--run-config", action="append",
-                        help="a run's config.yaml (repeatable; default: found beside the checkpoints);"
-                             " used only without --base")
+                        help="a run's config.yaml (repeatable; default: found beside the checkpoints): the"
+                             " parts' configs (without --base) and the data folder with the built-in front ends"
+                             " and spk2embedding.pt")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     parser.add_argument("--no-check", action="store_true", help="skip the load-back and synthesis check")
     return parser

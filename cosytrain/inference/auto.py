@@ -26,8 +26,6 @@ Differences from upstream, on purpose:
   CosyVoice 1 model when openai-whisper is not installed.
 * Prompts (``prompt_wav``) are file paths, as upstream's current API, or a waveform tensor at 16 kHz
   (upstream's older ``prompt_speech_16k``).
-* Until ``CosyVoice2Model``/``CosyVoice3Model`` exist in :mod:`cosytrain.inference.model`, CosyVoice
-  2/3 synthesise offline only (:class:`OfflineModel`): ``stream=True`` warns and yields one chunk.
 """
 
 from __future__ import annotations
@@ -39,7 +37,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from cosytrain.inference.frontend import CosyVoiceFrontEnd, FrontEndError, warn_once
 from cosytrain.modeldir import (
@@ -51,91 +48,10 @@ from cosytrain.modeldir import (
     open_model_dir,
 )
 
-__all__ = ["AutoModel", "CosyVoice", "CosyVoice2", "CosyVoice3", "OfflineModel", "model_class_for"]
+__all__ = ["AutoModel", "CosyVoice", "CosyVoice2", "CosyVoice3", "model_class_for"]
 
 logger = logging.getLogger(__name__)
 Output = Generator[dict[str, torch.Tensor], None, None]
-
-
-class OfflineModel:
-    """Non-streaming token-level synthesis for CosyVoice 2/3 (text tokens -> speech tokens -> mel -> wav).
-
-    The same ``tts(**model_input)`` contract as ``CosyVoiceModel``; used only while the streaming
-    v2/v3 model classes are not available.
-    """
-
-    def __init__(self, llm: torch.nn.Module, flow: torch.nn.Module, hift: torch.nn.Module, fp16: bool = False, *,
-                 device: str | torch.device | None = None, force_fp16: bool = False) -> None:
-        from cosytrain.inference.model import resolve_fp16
-
-        self.device = torch.device(device) if device is not None else torch.device(
-            "cuda" if torch.cuda.is_available() else "cpu")
-        self.llm, self.flow, self.hift = (m.to(self.device).eval() for m in (llm, flow, hift))
-        self.fp16 = fp16
-        self.amp_dtype = resolve_fp16(fp16, self.device, force_fp16)
-
-    @property
-    def sample_rate(self) -> int:
-        return int(getattr(self.hift, "sampling_rate", 24000))
-
-    def _autocast(self) -> Any:
-        if self.amp_dtype is None:
-            from contextlib import nullcontext
-
-            return nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
-
-    def _speech_tokens(self, text: torch.Tensor, prompt_text: torch.Tensor, prompt_speech_token: torch.Tensor,
-                       embedding: torch.Tensor) -> list[int]:
-        d = self.device
-        gen = self.llm.inference(
-            text=text.to(d), text_len=torch.tensor([text.shape[1]], dtype=torch.int32, device=d),
-            prompt_text=prompt_text.to(d),
-            prompt_text_len=torch.tensor([prompt_text.shape[1]], dtype=torch.int32, device=d),
-            prompt_speech_token=prompt_speech_token.to(d),
-            prompt_speech_token_len=torch.tensor([prompt_speech_token.shape[1]], dtype=torch.int32, device=d),
-            embedding=embedding.to(d))
-        tokens = []
-        while True:
-            with self._autocast():
-                token = next(gen, None)
-            if token is None:
-                return tokens
-            tokens.append(int(token))
-
-    def tts(self, text: torch.Tensor = torch.zeros(1, 0, dtype=torch.int32),
-            flow_embedding: torch.Tensor = torch.zeros(0, 192),
-            llm_embedding: torch.Tensor = torch.zeros(0, 192),
-            prompt_text: torch.Tensor = torch.zeros(1, 0, dtype=torch.int32),
-            llm_prompt_speech_token: torch.Tensor = torch.zeros(1, 0, dtype=torch.int32),
-            flow_prompt_speech_token: torch.Tensor = torch.zeros(1, 0, dtype=torch.int32),
-            prompt_speech_feat: torch.Tensor = torch.zeros(1, 0, 80),
-            source_speech_token: torch.Tensor = torch.zeros(1, 0, dtype=torch.int32),
-            stream: bool = False, speed: float = 1.0, **kwargs: Any) -> Output:
-        if stream:
-            warn_once("streaming CosyVoice 2/3 synthesis is not implemented yet in cosytrain; yielding one chunk")
-        if source_speech_token.shape[1]:
-            tokens = source_speech_token.flatten().tolist()
-        else:
-            tokens = self._speech_tokens(text, prompt_text, llm_prompt_speech_token, llm_embedding)
-        if not tokens:
-            raise ValueError("no speech tokens to synthesise (the LLM produced none)")
-        d = self.device
-        token = torch.tensor([tokens], dtype=torch.int32, device=d)
-        with torch.inference_mode(), self._autocast():
-            mel, _ = self.flow.inference(
-                token=token, token_len=torch.tensor([token.shape[1]], dtype=torch.int32, device=d),
-                prompt_token=flow_prompt_speech_token.to(d),
-                prompt_token_len=torch.tensor([flow_prompt_speech_token.shape[1]], dtype=torch.int32, device=d),
-                prompt_feat=prompt_speech_feat.to(d),
-                prompt_feat_len=torch.tensor([prompt_speech_feat.shape[1]], dtype=torch.int32, device=d),
-                embedding=flow_embedding.to(d), streaming=False, finalize=True)
-        mel = mel.float()
-        if speed != 1.0:
-            mel = F.interpolate(mel, size=int(mel.shape[2] / speed), mode="linear")
-        with torch.inference_mode():
-            speech, _ = self.hift.inference(speech_feat=mel)
-        yield {"tts_speech": speech.float().cpu()}
 
 
 def _text_table_size(llm: torch.nn.Module) -> int | None:
@@ -149,16 +65,11 @@ def _text_table_size(llm: torch.nn.Module) -> int | None:
 
 
 def _model_class(generation: str) -> Callable[..., Any]:
-    """The token-level model for a generation (H's streaming classes when present)."""
+    """The token-level (streaming) model class of a generation."""
     from cosytrain.inference import model as model_module
 
     name = {"v1": "CosyVoiceModel", "v2": "CosyVoice2Model", "v3": "CosyVoice3Model"}[generation]
-    cls = getattr(model_module, name, None)
-    if cls is None:
-        if generation == "v1":
-            raise ModelDirError("cosytrain.inference.model.CosyVoiceModel is missing")
-        return OfflineModel
-    return cls
+    return getattr(model_module, name)
 
 
 def _build_model(generation: str, parts: dict[str, torch.nn.Module], fp16: bool, **options: Any) -> Any:

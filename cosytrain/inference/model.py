@@ -28,12 +28,13 @@ Deviations from upstream, on purpose:
   numerics checks).
 * Sessions with no speech tokens raise ``ValueError`` instead of failing inside the flow.
 
-CosyVoice 2/3 will subclass this: the sizes are attributes set in ``__init__`` and the per-chunk work
-is in ``token2wav``.
+CosyVoice 2/3 (:class:`CosyVoice2Model`, :class:`CosyVoice3Model`) subclass this: the sizes are
+attributes set in ``_init_stream_params`` and the per-chunk work is in ``token2wav``.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import uuid as uuid_lib
 import warnings
@@ -47,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["CosyVoiceModel", "fade_in_out", "resolve_fp16"]
+__all__ = ["CosyVoiceModel", "CosyVoice2Model", "CosyVoice3Model", "fade_in_out", "resolve_fp16"]
 
 _warned_cpu_fp16 = False
 
@@ -91,6 +92,8 @@ class CosyVoiceModel:
     The modules are moved to ``device`` (default: CUDA when available, as upstream) and put in
     eval mode. Build them from a model directory with :meth:`from_model_dir`.
     """
+
+    generation = "v1"
 
     def __init__(self, llm: nn.Module, flow: nn.Module, hift: nn.Module, fp16: bool = False, *,
                  device: str | torch.device | None = None, force_fp16: bool = False) -> None:
@@ -139,9 +142,9 @@ class CosyVoiceModel:
         from cosytrain.modeldir import GENERATION_NAMES, ModelDirError, load_model_dir
 
         directory, parts = load_model_dir(model_dir)
-        if directory.generation != "v1":
-            raise ModelDirError(f"{directory.config_path}: {GENERATION_NAMES[directory.generation]} inference is not"
-                                " implemented yet; CosyVoiceModel runs CosyVoice 1 model directories")
+        if directory.generation != cls.generation:
+            raise ModelDirError(f"{directory.config_path}: a {GENERATION_NAMES[directory.generation]} model directory;"
+                                f" {cls.__name__} runs {GENERATION_NAMES[cls.generation]} model directories")
         return cls(parts["llm"], parts["flow"], parts["hift"], fp16, device=device, force_fp16=force_fp16)
 
     def load(self, llm_model: str | Path, flow_model: str | Path, hift_model: str | Path) -> None:
@@ -326,3 +329,250 @@ class CosyVoiceModel:
                 yield {"tts_speech": synth(list(tokens), finalize=True, speed_=speed).cpu()}
         finally:
             self._close_session(session)
+
+
+# --------------------------------------------------------------------------------------------------
+# CosyVoice 2 and 3
+# --------------------------------------------------------------------------------------------------
+
+
+class CosyVoice2Model(CosyVoiceModel):
+    """CosyVoice 2 token-level synthesis: a chunk-causal flow, so streaming needs no mel overlap.
+
+    Streaming (upstream ``CosyVoice2Model.tts``): the flow is re-run on all tokens so far (plus
+    ``pre_lookahead_len`` look-ahead tokens) with chunk masks (``streaming=True``) and only the mel
+    of the new ``token_hop_len`` tokens is kept (``token_offset``). The first hop is padded so that
+    prompt + first hop fill whole 25-token chunks, the training chunk size; each later hop doubles
+    (``stream_scale_factor`` 2) up to 100 tokens. The vocoder (non-causal HiFT) gets the last
+    ``mel_cache_len`` 8 mel frames of the previous chunk again, with their excitation source, and its
+    last 8 x 480 samples are cross-faded into the next chunk (hift cache). The final chunk runs the
+    flow without chunk masks, as upstream.
+
+    Deviations from upstream, on purpose (besides those of :class:`CosyVoiceModel`): the growing hop
+    is kept per session; upstream grows ``self.token_hop_len`` itself, so every later session of the
+    same model object starts streaming with 100-token hops. The vocoder runs in FP32 under ``fp16``.
+    """
+
+    generation = "v2"
+    # upstream CosyVoice3Model's FSQ silence/breath ids; runs of more than max_silent_tokens are dropped
+    silent_tokens: tuple[int, ...] = ()
+    max_silent_tokens = 5
+
+    def _init_stream_params(self) -> None:
+        self.mel_hop = int(getattr(self.hift, "upsample_scale", 480))
+        self.token_mel_ratio = int(getattr(self.flow, "token_mel_ratio", 2))
+        self.pre_lookahead_len = int(getattr(self.flow, "pre_lookahead_len", 3))
+        # must match the flow's training static_chunk_size (25 tokens)
+        self.token_hop_len = 25
+        self.token_max_hop_len = 4 * self.token_hop_len
+        self.stream_scale_factor = 2
+        if self.stream_scale_factor < 1:
+            raise ValueError("stream_scale_factor must be >= 1")
+        self.mel_cache_len = 8
+        self.source_cache_len = int(self.mel_cache_len * self.mel_hop)
+        self.speech_window = _hamming(2 * self.source_cache_len)
+
+    @property
+    def sample_rate(self) -> int:
+        return int(getattr(self.hift, "sampling_rate", 24000))
+
+    # ------------------------------------------------------------------ speech tokens
+    def speech_tokens(self, text: Any, prompt_text: torch.Tensor, llm_prompt_speech_token: torch.Tensor,
+                      llm_embedding: torch.Tensor) -> Iterator[int]:
+        """LLM speech tokens; ``text`` may also be an iterator of (1, n) id tensors (bistream input).
+
+        Silence tokens (v3) are passed on at most ``max_silent_tokens`` in a row, as upstream's llm_job.
+        """
+        d = self.device
+        common = dict(
+            prompt_text=prompt_text.to(d),
+            prompt_text_len=torch.tensor([prompt_text.shape[1]], dtype=torch.int32, device=d),
+            prompt_speech_token=llm_prompt_speech_token.to(d),
+            prompt_speech_token_len=torch.tensor([llm_prompt_speech_token.shape[1]], dtype=torch.int32, device=d),
+            embedding=llm_embedding.to(d),
+        )
+        if isinstance(text, torch.Tensor):
+            gen = self.llm.inference(text=text.to(d), text_len=torch.tensor([text.shape[1]], dtype=torch.int32,
+                                                                               device=d), **common)
+        else:
+            gen = self.llm.inference_bistream(text=(torch.as_tensor(t).to(d) for t in text), **common)
+        silent = set(self.silent_tokens)
+        run = 0
+        while True:
+            with self.llm_context, self.autocast():
+                token = next(gen, None)
+            if token is None:
+                return
+            token = int(token)
+            if token in silent:
+                run += 1
+                if run > self.max_silent_tokens:
+                    continue
+            else:
+                run = 0
+            yield token
+
+    # ------------------------------------------------------------------ tokens -> waveform
+    def _flow_mel(self, token: torch.Tensor, prompt_token: torch.Tensor, prompt_feat: torch.Tensor,
+                  embedding: torch.Tensor, token_offset: int, stream: bool, finalize: bool) -> torch.Tensor:
+        """Mel (1, 80, T) of the tokens after ``token_offset`` (float32)."""
+        d = self.device
+        with self.autocast():
+            mel, _ = self.flow.inference(
+                token=token.to(d, dtype=torch.int32),
+                token_len=torch.tensor([token.shape[1]], dtype=torch.int32, device=d),
+                prompt_token=prompt_token.to(d),
+                prompt_token_len=torch.tensor([prompt_token.shape[1]], dtype=torch.int32, device=d),
+                prompt_feat=prompt_feat.to(d),
+                prompt_feat_len=torch.tensor([prompt_feat.shape[1]], dtype=torch.int32, device=d),
+                embedding=embedding.to(d),
+                streaming=stream,
+                finalize=finalize,
+            )
+        return mel.float()[:, :, token_offset * self.token_mel_ratio:]
+
+    @torch.inference_mode()
+    def token2wav(self, token: torch.Tensor, prompt_token: torch.Tensor,  # type: ignore[override]
+                  prompt_feat: torch.Tensor, embedding: torch.Tensor, token_offset: int, uuid: str,
+                  stream: bool = False, finalize: bool = False, speed: float = 1.0) -> torch.Tensor:
+        """Tokens so far (1, T) -> the waveform of the tokens after ``token_offset`` (1, L).
+
+        Upstream v2/v3's signature (``token_offset`` before ``uuid``, ``stream`` = chunk-masked flow).
+
+        ``finalize=False`` drops the ``pre_lookahead_len`` look-ahead tokens' mel and holds the last
+        ``source_cache_len`` samples back for the cross-fade with the next chunk.
+        """
+        tts_mel = self._flow_mel(token, prompt_token, prompt_feat, embedding, token_offset, stream, finalize)
+        hift_cache = self.hift_cache_dict[uuid]
+        if hift_cache is not None:
+            tts_mel = torch.concat([hift_cache["mel"], tts_mel], dim=2)
+            cache_source = hift_cache["source"]
+        else:
+            cache_source = torch.zeros(1, 1, 0, device=self.device)
+        if not finalize:
+            tts_speech, tts_source = self.hift.inference(speech_feat=tts_mel, cache_source=cache_source)
+            if hift_cache is not None:
+                tts_speech = fade_in_out(tts_speech, hift_cache["speech"], self.speech_window)
+            self.hift_cache_dict[uuid] = {
+                "mel": tts_mel[:, :, -self.mel_cache_len:],
+                "source": tts_source[:, :, -self.source_cache_len:],
+                "speech": tts_speech[:, -self.source_cache_len:],
+            }
+            return tts_speech[:, :-self.source_cache_len]
+        if speed != 1.0:
+            if hift_cache is not None:
+                raise ValueError("speed != 1.0 is only supported without streaming")
+            tts_mel = F.interpolate(tts_mel, size=int(tts_mel.shape[2] / speed), mode="linear")
+        tts_speech, _ = self.hift.inference(speech_feat=tts_mel, cache_source=cache_source)
+        if hift_cache is not None:
+            tts_speech = fade_in_out(tts_speech, hift_cache["speech"], self.speech_window)
+        return tts_speech
+
+    # ------------------------------------------------------------------ sessions
+    def _open_session(self) -> str:
+        session = str(uuid_lib.uuid1())
+        with self.lock:
+            self.tts_speech_token_dict[session], self.llm_end_dict[session] = [], False
+            self.hift_cache_dict[session] = None
+        return session
+
+    def tts(self, text: Any = torch.zeros(1, 0, dtype=torch.int32),
+            flow_embedding: torch.Tensor = torch.zeros(0, 192),
+            llm_embedding: torch.Tensor = torch.zeros(0, 192),
+            prompt_text: torch.Tensor = torch.zeros(1, 0, dtype=torch.int32),
+            llm_prompt_speech_token: torch.Tensor = torch.zeros(1, 0, dtype=torch.int32),
+            flow_prompt_speech_token: torch.Tensor = torch.zeros(1, 0, dtype=torch.int32),
+            prompt_speech_feat: torch.Tensor = torch.zeros(1, 0, 80),
+            source_speech_token: torch.Tensor = torch.zeros(1, 0, dtype=torch.int32),
+            stream: bool = False, speed: float = 1.0, **kwargs: Any) -> Generator[dict[str, torch.Tensor], None, None]:
+        """Yield ``{'tts_speech': (1, L) float CPU tensor}``: one item, or one per chunk with ``stream``.
+
+        ``text`` may be an iterator of token-id tensors (upstream's streaming text input, bistream).
+        """
+        session = self._open_session()
+        try:
+            tokens = self.tts_speech_token_dict[session]
+            if source_speech_token.shape[1] == 0:
+                source: Iterator[int] | None = self.speech_tokens(text, prompt_text, llm_prompt_speech_token,
+                                                                  llm_embedding)
+            else:
+                self.vc_job(source_speech_token, session)
+                tokens = self.tts_speech_token_dict[session]
+                source = None
+
+            def pull() -> bool:
+                if source is None:
+                    return False
+                token = next(source, None)
+                if token is None:
+                    self.llm_end_dict[session] = True
+                    return False
+                tokens.append(token)
+                return True
+
+            def synth(n: int | None, offset: int, finalize: bool, stream_: bool, speed_: float = 1.0) -> torch.Tensor:
+                chunk = tokens if n is None else tokens[:n]
+                if not chunk:
+                    raise ValueError("no speech tokens to synthesise (the LLM produced none)")
+                return self.token2wav(token=torch.tensor([chunk], dtype=torch.int32),
+                                      prompt_token=flow_prompt_speech_token, prompt_feat=prompt_speech_feat,
+                                      embedding=flow_embedding, uuid=session, finalize=finalize, speed=speed_,
+                                      token_offset=offset, stream=stream_)
+
+            if stream:
+                token_offset = 0
+                n_prompt = int(flow_prompt_speech_token.shape[1])
+                prompt_token_pad = int(math.ceil(n_prompt / self.token_hop_len) * self.token_hop_len - n_prompt)
+                hop = self.token_hop_len
+                while True:
+                    this_hop = hop + prompt_token_pad if token_offset == 0 else hop
+                    need = token_offset + this_hop + self.pre_lookahead_len
+                    while len(tokens) < need and pull():
+                        pass
+                    if len(tokens) < need:
+                        break  # the LLM has finished; the rest is the final chunk
+                    speech = synth(need, token_offset, finalize=False, stream_=True)
+                    token_offset += this_hop
+                    hop = min(self.token_max_hop_len, hop * self.stream_scale_factor)
+                    yield {"tts_speech": speech.cpu()}
+                # upstream's final chunk runs the flow without chunk masks (stream not passed)
+                yield {"tts_speech": synth(None, token_offset, finalize=True, stream_=False).cpu()}
+            else:
+                while pull():
+                    pass
+                yield {"tts_speech": synth(None, 0, finalize=True, stream_=False, speed_=speed).cpu()}
+        finally:
+            self._close_session(session)
+
+
+class CosyVoice3Model(CosyVoice2Model):
+    """CosyVoice 3: as CosyVoice 2, with a causal vocoder and silence-run trimming.
+
+    The vocoder cache is upstream v3's: all mel so far is kept and the causal HiFT is re-run on it
+    every chunk (``finalize=False`` holds back the frames that still lack right context); only the
+    samples past those already yielded are returned, so there is no cross-fade. Runs of more than 5
+    of the FSQ silence/breath tokens are cut from the LLM output, as upstream.
+    """
+
+    generation = "v3"
+    silent_tokens = (1, 2, 28, 29, 55, 248, 494, 2241, 2242, 2322, 2323)
+
+    @torch.inference_mode()
+    def token2wav(self, token: torch.Tensor, prompt_token: torch.Tensor,  # type: ignore[override]
+                  prompt_feat: torch.Tensor, embedding: torch.Tensor, token_offset: int, uuid: str,
+                  stream: bool = False, finalize: bool = False, speed: float = 1.0) -> torch.Tensor:
+        tts_mel = self._flow_mel(token, prompt_token, prompt_feat, embedding, token_offset, stream, finalize)
+        cache = self.hift_cache_dict[uuid]
+        if cache is not None:
+            tts_mel = torch.concat([cache["mel"], tts_mel], dim=2)
+            cache["mel"] = tts_mel
+        else:
+            cache = self.hift_cache_dict[uuid] = {"mel": tts_mel, "speech_offset": 0}
+        if speed != 1.0:
+            if token_offset != 0 or not finalize:
+                raise ValueError("speed != 1.0 is only supported without streaming")
+            tts_mel = F.interpolate(tts_mel, size=int(tts_mel.shape[2] / speed), mode="linear")
+        tts_speech, _ = self.hift.inference(speech_feat=tts_mel, finalize=finalize)
+        tts_speech = tts_speech[:, cache["speech_offset"]:]
+        cache["speech_offset"] += tts_speech.shape[1]
+        return tts_speech
