@@ -224,19 +224,20 @@ def _build_locked(root: Path, num_utts: int | None, token_rate: int, num_workers
     return prepare(cfg).data_list
 
 
-def ensure_demo_corpus(root: str | Path | None = None, token_rate: int = 50) -> Path:
+def ensure_demo_corpus(root: str | Path | None = None, token_rate: int = 50, num_utts: int | None = None) -> Path:
     """The demo ``data.list`` for ``token_rate``, building the corpus only when it is missing.
 
-    Preparation is resumable, so a complete cache costs only a check of each shard.
+    Preparation is resumable, so a complete cache costs only a check of each shard. ``num_utts``
+    asks for a reduced corpus (quick tests); a cache of another size is rebuilt.
     """
     root = Path(root) if root is not None else default_root()
     data_list = _shard_dir(root, token_rate) / "data.list"
     stamp_path = root / "corpus.json"
     if data_list.is_file() and stamp_path.is_file():
         stamp = json.loads(stamp_path.read_text())
-        if stamp.get("version") == DEMO_VERSION and stamp.get("num_utts") == len(plan()):
+        if stamp.get("version") == DEMO_VERSION and stamp.get("num_utts") == len(plan(num_utts)):
             return data_list
-    return build_demo_corpus(root, token_rate=token_rate)
+    return build_demo_corpus(root, num_utts=num_utts, token_rate=token_rate)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -265,3 +266,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(f"demo-corpus: {data_list} ({time.time() - t0:.1f}s)")
     return 0
+
+
+def split_data_list(data_list: str | Path, val_shards: int = 1) -> tuple[Path, Path | None]:
+    """Write ``train.list``/``val.list`` beside ``data_list``: the last ``val_shards`` shards validate.
+
+    Split by whole shards so the two sets never share an utterance; rewritten atomically each call
+    (cheap), so a rebuilt corpus never leaves a stale split behind.
+    """
+    data_list = Path(data_list)
+    shards = [line.strip() for line in data_list.read_text().splitlines() if line.strip()]
+    if val_shards < 0 or (val_shards and val_shards >= len(shards)):
+        raise ValueError(f"{data_list}: cannot hold out {val_shards} of {len(shards)} shards for validation; "
+                         f"use 0..{len(shards) - 1}")
+    cut = len(shards) - val_shards
+    train = data_list.with_name("train.list")
+    atomic_write_text(train, "\n".join(shards[:cut]) + "\n")
+    if not val_shards:
+        return train, None
+    val = data_list.with_name("val.list")
+    atomic_write_text(val, "\n".join(shards[cut:]) + "\n")
+    return train, val

@@ -13,11 +13,12 @@ Conventions added on top of LightningCLI:
 
 from __future__ import annotations
 
+import pickle
 import re
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence, Union
 
 SUBCOMMANDS = ("fit", "validate", "test")
 DEFAULT_RUN_DIR = "runs/cosytrain"
@@ -32,9 +33,13 @@ def prepare_trainer_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import TensorBoardLogger
 
+    from cosytrain.tasks.checkpoint_io import AtomicCheckpointIO, wants_atomic_io
     from cosytrain.tasks.precision import apply_precision
 
     kw = apply_precision(kwargs)
+    if wants_atomic_io(kw):  # checkpoints are whole or absent, even after SIGKILL/ENOSPC (checkpoint_io.py)
+        plugins = kw.get("plugins") or []
+        kw["plugins"] = [*(plugins if isinstance(plugins, (list, tuple)) else [plugins]), AtomicCheckpointIO()]
     run_dir = str(kw.get("default_root_dir") or DEFAULT_RUN_DIR)
     kw["default_root_dir"] = run_dir
     if kw.get("logger") in (None, True):
@@ -61,11 +66,32 @@ def build_trainer(**kwargs: Any):
     return Trainer(**prepare_trainer_kwargs(kwargs))
 
 
+def _trainer_class():
+    from lightning.pytorch import Trainer
+
+    class CosyTrainer(Trainer):
+        """Lightning's ``Trainer`` whose ``precision`` also accepts cosytrain's ``auto``.
+
+        LightningCLI types ``trainer.precision`` from the Trainer signature, which has no ``auto``;
+        the value is resolved (``cosytrain.tasks.precision.resolve_auto_precision``) before the
+        Trainer is built, so Lightning itself never sees it.
+        """
+
+        def __init__(self, *args: Any, precision: Optional[Union[str, int]] = None, **kwargs: Any) -> None:
+            super().__init__(*args, precision=precision, **kwargs)
+
+    return CosyTrainer
+
+
 def _cli_class():
     from lightning.pytorch import LightningDataModule, LightningModule
     from lightning.pytorch.cli import LightningCLI
 
     class CosyLightningCLI(LightningCLI):
+        def before_instantiate_classes(self) -> None:
+            _check_ckpt_path(self._get(self.config, "ckpt_path", default=None))
+            _check_accumulation(self._get(self.config, "trainer", default=None), self._get(self.config, "model"))
+
         def instantiate_classes(self) -> None:
             try:
                 super().instantiate_classes()
@@ -109,6 +135,60 @@ def one_line(message: str, limit: int = 400) -> str:
     return out if len(out) <= limit else out[: limit - 3] + "..."
 
 
+_CKPT_KEYWORDS = ("last", "best", "hpc")
+
+
+def _check_ckpt_path(ckpt_path: Any) -> None:
+    """A ckpt_path naming no file is a config mistake, reported before any model is built."""
+    if ckpt_path in (None, "") or str(ckpt_path) in _CKPT_KEYWORDS or "://" in str(ckpt_path):
+        return
+    if not Path(str(ckpt_path)).exists():
+        raise ConfigError(f"ckpt_path: {ckpt_path} not found; give a checkpoint file, or `last` to resume the"
+                          " run folder's last.ckpt")
+
+
+def _check_accumulation(trainer: Any, model: Any) -> None:
+    """SpeechTask.setup refuses two accumulation settings mid-fit; say it before anything is built."""
+    def get(node: Any, *keys: str) -> Any:
+        for key in keys:
+            node = node.get(key) if hasattr(node, "get") else None
+        return node
+
+    current = get(trainer, "accumulate_grad_batches")
+    accum = get(model, "init_args", "train_conf", "accum_grad")
+    if current not in (None, 1) and accum is not None and int(current) != int(accum):
+        raise ConfigError(f"gradient accumulation is set twice (trainer.accumulate_grad_batches={current},"
+                          f" train_conf.accum_grad={accum}); set only train_conf.accum_grad")
+
+
+def unpickling_line(err: BaseException) -> str:
+    """torch's multi-paragraph weights-only refusal -> one line naming the forbidden global."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+    found = (re.search(r"Unsupported global: GLOBAL (\S+)", text) or re.search(r"unsupported GLOBAL (\S+)", text)
+             or re.search(r"WeightsUnpickler error: ([^\n]+)", text))
+    what = f" (it references {found.group(1)})" if found else ""
+    return (f"refused to load a file holding pickled Python objects{what}; checkpoints and model weights are"
+            " read with torch.load(weights_only=True) so that a file can never run code")
+
+
+def _check_yaml_files(args: Sequence[str]) -> None:
+    """jsonargparse reports broken YAML without the file's name; name it (config files and overlays)."""
+    import yaml
+
+    for arg in args:
+        value = arg.split("=", 1)[1] if arg.startswith("--") and "=" in arg else arg
+        if not value.endswith((".yaml", ".yml")) or not Path(value).is_file():
+            continue
+        try:
+            yaml.safe_load(Path(value).read_text(encoding="utf-8"))
+        except yaml.MarkedYAMLError as err:
+            mark = err.problem_mark
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise ConfigError(f"{value}: not valid YAML{where}: {err.problem or err}") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{value}: not valid YAML: {' '.join(str(err).split())}") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``fit|validate|test`` with LightningCLI; returns the exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -117,17 +197,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from jsonargparse import ArgumentError
 
+    from cosytrain.data.pipeline import DataError
+    from cosytrain.utils.atomic import AtomicWriteError
+
     cli_class, model_class, data_class = _cli_class()
     parser_kwargs: dict[str, Any] = {"parser_mode": "omegaconf", "exit_on_error": False}
     parser_kwargs.update({sub: {"parser_mode": "omegaconf", "exit_on_error": False} for sub in SUBCOMMANDS})
     # we pass argv explicitly AND keep sys.argv intact (Lightning's DDP launcher re-runs sys.argv)
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
     try:
+        _check_yaml_files(args[1:])
         cli_class(
             model_class,
             data_class,
             subclass_mode_model=True,
             subclass_mode_data=True,
+            trainer_class=_trainer_class(),
             args=args,
             parser_kwargs=parser_kwargs,
             save_config_kwargs={"overwrite": True},
@@ -135,8 +220,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed_everything_default=1234,
         )
     except (ArgumentError, ConfigError) as err:
-        print(f"cosytrain {args[0]}: {one_line(str(err))}", file=sys.stderr)
+        # jsonargparse wraps an init_from file's weights-only refusal raised while building the model
+        text = unpickling_line(err) if "Weights only load failed" in str(err) else one_line(str(err))
+        print(f"cosytrain {args[0]}: {text}", file=sys.stderr)
         return 2
+    except DataError as err:  # e.g. an empty data set, found only when fit sets the data up
+        print(f"cosytrain {args[0]}: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    except pickle.UnpicklingError as err:  # init_from/ckpt_path file holding pickled code: refused, not run
+        print(f"cosytrain {args[0]}: {unpickling_line(err)}", file=sys.stderr)
+        return 2
+    except AtomicWriteError as err:  # e.g. ENOSPC while saving a checkpoint; the previous one is intact
+        print(f"cosytrain {args[0]}: {' '.join(str(err).split())}", file=sys.stderr)
+        return 1
     except SystemExit as exc:  # --help / --print_config exit through argparse
         return int(exc.code or 0) if not isinstance(exc.code, str) else 2
     return 0

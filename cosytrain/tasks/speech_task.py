@@ -87,6 +87,14 @@ def load_part_weights(name: str, part: nn.Module, model_dir: str | Path) -> None
         raise ValueError(f"init_from: {path} is not a plain state dict")
     # upstream's DDP save_model adds int entries 'epoch'/'step' beside the tensors
     state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    from cosytrain.modeldir import GENERATION_NAMES, state_dict_generation
+
+    given, telling = state_dict_generation(name, state)
+    wanted, _ = state_dict_generation(name, part.state_dict())
+    if given is not None and wanted is not None and given != wanted:
+        raise ValueError(f"init_from {path}: the {name} weights are {GENERATION_NAMES[given]} ({telling[0]}, ...) but"
+                         f" the recipe's {name} is a {GENERATION_NAMES[wanted]} model; use a model directory and"
+                         " model config of the same generation")
     check_part_state_dict(name, part, state, str(path))
     part.load_state_dict(state, strict=True)
 

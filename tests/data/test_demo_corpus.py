@@ -98,3 +98,16 @@ def test_default_root_honours_cosytrain_home(monkeypatch, tmp_path):
     assert D.default_root() == tmp_path / "demo"
     monkeypatch.delenv("COSYTRAIN_HOME")
     assert D.default_root().parts[-3:] == (".cache", "cosytrain", "demo")
+
+
+def test_split_data_list_holds_out_whole_shards(tmp_path):
+    from cosytrain.data.demo_corpus import split_data_list
+
+    listing = tmp_path / "data.list"
+    listing.write_text("a.tar\nb.tar\nc.tar\n")
+    train, val = split_data_list(listing, 1)
+    assert train.read_text().split() == ["a.tar", "b.tar"] and val.read_text().split() == ["c.tar"]
+    train, val = split_data_list(listing, 0)
+    assert val is None and train.read_text().split() == ["a.tar", "b.tar", "c.tar"]
+    with pytest.raises(ValueError, match="cannot hold out 3 of 3"):
+        split_data_list(listing, 3)

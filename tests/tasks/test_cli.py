@@ -140,9 +140,11 @@ def demo_list(tmp_path_factory):
 
 
 def _recipe_args(run, data_list, *extra):
+    """The default recipe on a 4-utterance demo corpus (one shard, so no held-out validation shard)."""
     return ["fit", "--config", str(REPO / "recipes" / "sft.yaml"),
             "--trainer", str(REPO / "conf" / "trainer" / "smoke_cpu.yaml"),
-            "--trainer.default_root_dir", str(run), "--data.init_args.train_data", str(data_list),
+            "--trainer.default_root_dir", str(run), "--data.init_args.root", str(data_list.parents[1]),
+            "--data.init_args.num_utts", "4", "--data.init_args.val_shards", "0",
             "--data.init_args.max_frames_in_batch", "300", *extra]
 
 

@@ -96,3 +96,15 @@ def test_bf16_and_fp32_run_without_scaler(tmp_path, precision, dtype):
     assert getattr(trainer.precision_plugin, "scaler", None) is None
     assert "train/loss_scale" not in read_scalars(tmp_path)
     assert all(math.isfinite(r["loss"]) for r in rec.rows)
+
+
+def test_auto_precision_is_fp32_on_cpu_and_fp16_on_cuda():
+    from cosytrain.tasks.precision import CosyMixedPrecision, apply_precision, resolve_auto_precision
+
+    assert resolve_auto_precision("auto", "cpu") == "32-true"
+    assert resolve_auto_precision("auto", "cuda") == "16-mixed"
+    assert resolve_auto_precision("16-mixed", "cpu") == "16-mixed"  # explicit wins on every device
+    kw = apply_precision({"precision": "auto", "accelerator": "cpu"})
+    assert kw["precision"] is None and not any(isinstance(p, CosyMixedPrecision) for p in kw["plugins"])
+    kw = apply_precision({"precision": "auto", "accelerator": "cpu", "strategy": "deepspeed"})
+    assert kw["precision"] == "32-true"
