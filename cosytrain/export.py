@@ -239,6 +239,8 @@ class CheckpointInfo:
     monitors: dict[str, tuple[str, dict[str, float]]] = field(default_factory=dict)
     hparams: dict[str, Any] = field(default_factory=dict)
     score: float | None = None
+    # the last FP16-vs-FP32 figures an FP16EvalCallback saved into this checkpoint
+    fp16_figures: dict[str, Any] | None = None
 
     @property
     def name(self) -> str:
@@ -276,6 +278,8 @@ def _info_from(path: Path, ckpt: Mapping[str, Any]) -> CheckpointInfo:
             if score is not None:
                 scores[Path(str(file)).name] = score
     hparams = ckpt.get("hyper_parameters")
+    from cosytrain.evaluation.fp16_check import figures_from_checkpoint
+
     return CheckpointInfo(
         path=path,
         epoch=ckpt.get("epoch") if isinstance(ckpt.get("epoch"), int) else None,
@@ -283,6 +287,7 @@ def _info_from(path: Path, ckpt: Mapping[str, Any]) -> CheckpointInfo:
         parts=tuple(sorted(split_parts(ckpt["state_dict"], str(path)), key=PARTS.index)),
         monitors=monitors,
         hparams=dict(hparams) if isinstance(hparams, Mapping) else {},
+        fp16_figures=figures_from_checkpoint(ckpt),
     )
 
 
@@ -729,7 +734,11 @@ def _data_folders(config_paths: Sequence[Path]) -> list[Path]:
     """Folders of the runs' ``data.list`` files (train first), where ``prepare`` leaves its side files."""
     folders: list[Path] = []
     for config_path in config_paths:
-        args = _data_args(config_path)
+        args = dict(_data_args(config_path))
+        if not args.get("train_data") and "token_rate" in args:  # DemoDataModule: the demo cache's shards
+            from cosytrain.data.demo_corpus import demo_shard_dir
+
+            args["train_data"] = str(demo_shard_dir(args.get("root"), args["token_rate"]) / "data.list")
         for key in ("train_data", "val_data"):
             value = args.get(key)
             if isinstance(value, str) and value:
@@ -1073,6 +1082,16 @@ def export_model(
         metadata["text_tokenizer"] = tokenizer
     if front_end_note is not None:
         metadata["warnings"] = [front_end_note]
+    measured = [i for i in infos if i.fp16_figures]
+    if measured:  # the model card: the training run's last FP16-vs-FP32 figures
+        from cosytrain.evaluation.fp16_check import MODEL_CARD_KEY, model_card_section
+
+        newest = max(measured, key=lambda i: i.global_step or -1)
+        metadata[MODEL_CARD_KEY] = {
+            **model_card_section(newest.fp16_figures),
+            "measured_on": f"training weights of {newest.path.name} (step {newest.global_step}), before any"
+                           " averaging; `python -m cosytrain check-fp16 --model_dir <this dir>` re-measures the export",
+        }
 
     def fill(tmp: Path) -> None:
         if base_dir is not None:

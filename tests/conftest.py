@@ -54,3 +54,23 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="session")
+def demo_corpus(tmp_path_factory):
+    """The FULL default demo corpus, built once per test session into a private folder.
+
+    Returns ``(root, data_list, build_seconds)``. The build itself is timed and checked in
+    ``tests/data/test_demo_corpus.py``; end-to-end tests train on it.
+    """
+    import time
+
+    pytest.importorskip("espeakng_loader")
+    from cosytrain.data import demo_corpus
+
+    root = tmp_path_factory.mktemp("demo_corpus")
+    t0 = time.perf_counter()
+    data_list = demo_corpus.build_demo_corpus(root)
+    seconds = time.perf_counter() - t0
+    (root / "build_seconds.txt").write_text(f"{seconds:.2f}\n")
+    return root, data_list, seconds

@@ -277,3 +277,22 @@ def test_a_real_lightning_checkpoint_of_the_speech_task(tmp_path: Path, base: Pa
     export_model([folder], out, base=base, average="last:1", check=False)
     trained = {k: v for k, v in task.llm.state_dict().items()}
     _assert_equal_states(torch.load(out / "llm.pt", weights_only=True), trained)
+
+
+def test_fp16_figures_of_the_training_run_go_into_the_model_card(tmp_path: Path, base: Path) -> None:
+    """The newest checkpoint's FP16EvalCallback figures become cosytrain.json's fp16_check section."""
+    from cosytrain.evaluation.fp16_check import CALLBACK_STATE_KEY, MODEL_CARD_KEY
+
+    ckpts = []
+    for step, agreement in ((10, 0.5), (20, 0.99)):
+        path = tiny.make_ckpt(tmp_path / f"step={step}.ckpt", {"llm": tiny.perturbed("llm", step)}, 0, step)
+        ckpt = torch.load(path, weights_only=True)
+        ckpt["callbacks"][CALLBACK_STATE_KEY] = {"last_figures": {
+            "passed": agreement > 0.9, "failures": [], "num_utterances": 4, "seed": 0,
+            "stages": {"llm": {"top1_agreement": agreement, "kl": 1e-6}}}}
+        torch.save(ckpt, path)
+        ckpts.append(path)
+    card = json.loads((export_model(ckpts, tmp_path / "out", base=base, check=False).output
+                       / "cosytrain.json").read_text())[MODEL_CARD_KEY]
+    assert card["passed"] is True and card["stages"]["llm"]["top1_agreement"] == 0.99
+    assert "step 20" in card["measured_on"]

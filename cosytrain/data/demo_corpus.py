@@ -170,6 +170,11 @@ def _shard_dir(root: Path, token_rate: int) -> Path:
     return root / f"shards_{token_rate}hz"
 
 
+def demo_shard_dir(root: str | Path | None = None, token_rate: int = 50) -> Path:
+    """Where the demo's shards for ``token_rate`` live (``root`` None: the default cache)."""
+    return _shard_dir(Path(root) if root is not None else default_root(), int(token_rate))
+
+
 def build_demo_corpus(root: str | Path | None = None, num_utts: int | None = None, token_rate: int = 50,
                       num_workers: int = 1, codebook_size: int = 256, force: bool = False,
                       progress: bool = False) -> Path:

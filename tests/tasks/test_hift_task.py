@@ -271,17 +271,16 @@ def test_flow_dir_loads_a_frozen_flow_from_a_model_directory(tmp_path):
     assert not any(k.startswith("flow") for k in task.state_dict())
 
 
-def test_demo_recipe_trains_on_the_demo_corpus_through_the_cli(tmp_path, monkeypatch):
-    """recipes/hift_demo.yaml through cosytrain's LightningCLI on a reduced demo corpus (E's espeak corpus,
-    F's CosyDataModule in vocoder mode): one FP16 step (trainer.precision taken over by the task) plus
+def test_demo_recipe_trains_on_the_demo_corpus_through_the_cli(tmp_path, monkeypatch, demo_corpus):
+    """recipes/hift_demo.yaml through cosytrain's LightningCLI on a reduced demo corpus (the espeak corpus
+    through DemoDataModule in vocoder mode): one FP16 step (trainer.precision taken over by the task) plus
     validation, with audio and mel images in TensorBoard."""
     pytest.importorskip("espeakng_loader")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from cosytrain.data.demo_corpus import build_demo_corpus
     from cosytrain.tasks.lightning_cli import _cli_class
 
-    data_list = str(build_demo_corpus(tmp_path / "demo", num_utts=4))
+    demo_root = str(demo_corpus[0])  # the full demo corpus (tests/conftest.py): its last shard validates
     recipe = Path(__file__).resolve().parents[2] / "recipes" / "hift_demo.yaml"
     run = tmp_path / "run"
     cli_cls, _, dm_cls = _cli_class()
@@ -291,9 +290,10 @@ def test_demo_recipe_trains_on_the_demo_corpus_through_the_cli(tmp_path, monkeyp
     cli = cli_cls(pl.LightningModule, dm_cls, subclass_mode_model=True, subclass_mode_data=True,
                   parser_kwargs={**kw, "fit": kw}, save_config_kwargs={"overwrite": True},
                   auto_configure_optimizers=False, seed_everything_default=1234,
-                  args=["fit", "--config", str(recipe), "--data.init_args.train_data", data_list,
-                        "--data.init_args.val_data", data_list, "--data.init_args.truncate_length", "4096",
-                        "--trainer.max_steps", "1",
+                  args=["fit", "--config", str(recipe), "--data.init_args.root", demo_root,
+                        "--data.init_args.truncate_length", "4096",
+                        "--trainer.max_steps", "1", "--trainer.val_check_interval", "1",
+                        "--trainer.check_val_every_n_epoch", "null",
                         "--trainer.accelerator", "cpu", "--trainer.precision", "16-mixed",
                         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
                         "--trainer.default_root_dir", str(run), "--model.init_args.log_media_every_n_steps", "1"])
