@@ -70,6 +70,7 @@ import datetime as _dt
 import hashlib
 import importlib
 import itertools
+import io
 import json
 import math
 import re
@@ -748,6 +749,14 @@ def _data_folders(config_paths: Sequence[Path]) -> list[Path]:
     return folders
 
 
+def _save(obj: Any, path: Path) -> None:
+    """``torch.save`` through memory: torch's file writer words a full disk as "unexpected pos";
+    a plain write raises the OSError (ENOSPC) that ``atomic_directory`` turns into one clear line."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    path.write_bytes(buffer.getvalue())
+
+
 def speaker_info_from_shards(spk2embedding_path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
     """``spk2embedding.pt`` (speaker -> mean utterance embedding, as ``prepare`` writes it) in upstream's
     ``spk2info.pt`` layout: ``{speaker: {'embedding': float32 tensor (1, dim)}}``."""
@@ -1100,7 +1109,7 @@ def export_model(
             (tmp / config_name).write_text(config_text or "", encoding="utf-8")
         for part in PARTS:
             if part in trained:
-                torch.save(trained[part], tmp / f"{part}.pt")
+                _save(trained[part], tmp / f"{part}.pt")
                 metadata["parts"][part] = sources[part]
             else:
                 assert base_dir is not None
@@ -1132,7 +1141,7 @@ def export_model(
         if not (tmp / SPK2INFO_FILE).exists():
             table = next((f / "spk2embedding.pt" for f in data_folders if (f / "spk2embedding.pt").is_file()), None)
             if table is not None:
-                torch.save(speaker_info_from_shards(table), tmp / SPK2INFO_FILE)
+                _save(speaker_info_from_shards(table), tmp / SPK2INFO_FILE)
                 copied.append(SPK2INFO_FILE)
                 metadata["spk2info"] = {"from": str(table.resolve())}
         if check:

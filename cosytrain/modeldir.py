@@ -22,6 +22,7 @@ mismatch (naming the keys).
 from __future__ import annotations
 
 import pickle
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,7 +145,10 @@ def load_weights_file(path: str | Path, what: str | None = None) -> Any:
                 raise
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(exc).splitlines() if line.strip()]
+        # torch names the refused callable on a line of its own ("Unsupported global: GLOBAL os.system ...")
+        first = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line),
+                     lines[0] if lines else type(exc).__name__)
         raise ModelDirError(
             f"{what}: holds pickled Python objects that torch.load(weights_only=True) refuses ({first[:160]});"
             " cosytrain loads plain tensors only - re-save it as a plain state dict"

@@ -82,12 +82,13 @@ def load_part_weights(name: str, part: nn.Module, model_dir: str | Path) -> None
     path = Path(model_dir) / f"{name}.pt"
     if not path.is_file():
         raise FileNotFoundError(f"init_from: {path} not found; init_from must be a model directory holding {name}.pt")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    from cosytrain.modeldir import GENERATION_NAMES, load_weights_file, state_dict_generation
+
+    state = load_weights_file(path, f"init_from: {path}")  # weights only; pickled code -> one line
     if not isinstance(state, Mapping):
         raise ValueError(f"init_from: {path} is not a plain state dict")
     # upstream's DDP save_model adds int entries 'epoch'/'step' beside the tensors
     state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-    from cosytrain.modeldir import GENERATION_NAMES, state_dict_generation
 
     given, telling = state_dict_generation(name, state)
     wanted, _ = state_dict_generation(name, part.state_dict())
