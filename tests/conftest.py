@@ -39,9 +39,8 @@ def load_manifest(name: str) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread per test process.
+def pytest_configure(config):
+    """One intra-op thread for the whole session, before any fixture of any scope runs.
 
     The suite's tensors are tiny, so a second OpenMP thread buys nothing and, on a busy 2-core
     machine (or beside the DDP tests' extra processes), spin-waiting threads made single tests
@@ -50,10 +49,7 @@ def _one_thread():
     """
     import torch
 
-    old = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="session")

@@ -21,16 +21,6 @@ from tests.conftest import load_manifest
 from tests.inference import _tiny_v1 as tiny
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: these models are tiny, and two spinning OpenMP threads on a shared,
-    busy CPU turn seconds into minutes. (No numbers here are compared with the 2-thread fixtures.)"""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 SCORES = {1: 0.50, 2: 0.30, 3: 0.45, 4: 0.35}  # epoch -> val/loss; best two are epochs 2 and 4
 
 

@@ -224,17 +224,27 @@ class CosyVoiceModel:
 
         if self.mel_overlap_dict[uuid].shape[2] != 0:
             tts_mel = fade_in_out(tts_mel, self.mel_overlap_dict[uuid], self.mel_window)
+        return self._vocode(tts_mel, uuid, finalize, speed, hold_back_mel=self.mel_overlap_len)
+
+    def _vocode(self, tts_mel: torch.Tensor, uuid: str, finalize: bool, speed: float,
+                hold_back_mel: int = 0) -> torch.Tensor:
+        """Mel (1, 80, T) -> speech, continuing the session's vocoder cache (upstream's scheme).
+
+        The cached mel tail and NSF source of the previous chunk are prepended, and the first samples
+        cross-faded with its held-back speech. ``finalize=False`` keeps the last ``source_cache_len``
+        samples (and, for v1, ``hold_back_mel`` mel frames for the flow's overlap fade) for the next chunk.
+        """
         hift_cache = self.hift_cache_dict[uuid]
         if hift_cache is not None:
             tts_mel = torch.concat([hift_cache["mel"], tts_mel], dim=2)
-            hift_cache_source = hift_cache["source"]
+            cache_source = hift_cache["source"]
         else:
-            hift_cache_source = torch.zeros(1, 1, 0, device=device)
-
+            cache_source = torch.zeros(1, 1, 0, device=self.device)
         if not finalize:
-            self.mel_overlap_dict[uuid] = tts_mel[:, :, -self.mel_overlap_len:]
-            tts_mel = tts_mel[:, :, :-self.mel_overlap_len]
-            tts_speech, tts_source = self.hift.inference(speech_feat=tts_mel, cache_source=hift_cache_source)
+            if hold_back_mel:
+                self.mel_overlap_dict[uuid] = tts_mel[:, :, -hold_back_mel:]
+                tts_mel = tts_mel[:, :, :-hold_back_mel]
+            tts_speech, tts_source = self.hift.inference(speech_feat=tts_mel, cache_source=cache_source)
             if hift_cache is not None:
                 tts_speech = fade_in_out(tts_speech, hift_cache["speech"], self.speech_window)
             self.hift_cache_dict[uuid] = {
@@ -247,7 +257,7 @@ class CosyVoiceModel:
             if hift_cache is not None:
                 raise ValueError("speed != 1.0 is only supported without streaming")
             tts_mel = F.interpolate(tts_mel, size=int(tts_mel.shape[2] / speed), mode="linear")
-        tts_speech, _ = self.hift.inference(speech_feat=tts_mel, cache_source=hift_cache_source)
+        tts_speech, _ = self.hift.inference(speech_feat=tts_mel, cache_source=cache_source)
         if hift_cache is not None:
             tts_speech = fade_in_out(tts_speech, hift_cache["speech"], self.speech_window)
         return tts_speech
@@ -443,30 +453,7 @@ class CosyVoice2Model(CosyVoiceModel):
         ``source_cache_len`` samples back for the cross-fade with the next chunk.
         """
         tts_mel = self._flow_mel(token, prompt_token, prompt_feat, embedding, token_offset, stream, finalize)
-        hift_cache = self.hift_cache_dict[uuid]
-        if hift_cache is not None:
-            tts_mel = torch.concat([hift_cache["mel"], tts_mel], dim=2)
-            cache_source = hift_cache["source"]
-        else:
-            cache_source = torch.zeros(1, 1, 0, device=self.device)
-        if not finalize:
-            tts_speech, tts_source = self.hift.inference(speech_feat=tts_mel, cache_source=cache_source)
-            if hift_cache is not None:
-                tts_speech = fade_in_out(tts_speech, hift_cache["speech"], self.speech_window)
-            self.hift_cache_dict[uuid] = {
-                "mel": tts_mel[:, :, -self.mel_cache_len:],
-                "source": tts_source[:, :, -self.source_cache_len:],
-                "speech": tts_speech[:, -self.source_cache_len:],
-            }
-            return tts_speech[:, :-self.source_cache_len]
-        if speed != 1.0:
-            if hift_cache is not None:
-                raise ValueError("speed != 1.0 is only supported without streaming")
-            tts_mel = F.interpolate(tts_mel, size=int(tts_mel.shape[2] / speed), mode="linear")
-        tts_speech, _ = self.hift.inference(speech_feat=tts_mel, cache_source=cache_source)
-        if hift_cache is not None:
-            tts_speech = fade_in_out(tts_speech, hift_cache["speech"], self.speech_window)
-        return tts_speech
+        return self._vocode(tts_mel, uuid, finalize, speed)
 
     # ------------------------------------------------------------------ sessions
     def _open_session(self) -> str:

@@ -19,16 +19,6 @@ from tests.conftest import load_fixture
 FIXTURES = {"llm": "v1_llm", "flow": "v1_flow", "hift": "hift_v1"}
 
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is as fast, and far faster on a busy shared machine (no OpenMP spinning)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @functools.lru_cache(maxsize=None)
 def _built(part: str) -> torch.nn.Module:
     fx = load_fixture(FIXTURES[part])

@@ -10,15 +10,6 @@ import torch
 from cosytrain.evaluation import metrics as M
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one thread is as fast, and far faster on a busy shared machine (no OpenMP spinning)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _logits(seed: int = 0, shape=(2, 7, 41)) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 3
 

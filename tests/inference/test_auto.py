@@ -26,15 +26,6 @@ SR_V1 = 22050
 SPEAKER = "spk-a"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models on a busy shared CPU: one intra-op thread is faster than two spinning ones."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 # ----------------------------------------------------------------------------- building directories
 def synthetic_voice(seconds: float, sr: int, f0: float, seed: int) -> np.ndarray:
     """A vowel-like buzz (harmonics of a wobbling f0 with a formant tilt) plus a little noise."""

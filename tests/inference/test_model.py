@@ -14,16 +14,6 @@ from cosytrain.inference.model import CosyVoiceModel, fade_in_out
 from tests.inference import _tiny_v1 as tiny
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: these models are tiny, and two spinning OpenMP threads on a shared,
-    busy CPU turn seconds into minutes. (No numbers here are compared with the 2-thread fixtures.)"""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _frames(n_tokens: int) -> int:
     """Upstream v1 mel length for n 50 Hz tokens: int(n / 50 * 22050 / 256)."""
     return int(n_tokens / 50 * 22050 / 256)

@@ -6,18 +6,9 @@ from pathlib import Path
 
 import pytest
 import soundfile as sf
-import torch
 
 from cosytrain.inference.synthesize import main
 from tests.inference.test_auto import SPEAKER, shared_v1_dir, write_prompt
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

@@ -16,16 +16,6 @@ from cosytrain.tasks.fp16_callback import FP16CheckWarning, FP16EvalCallback
 from tests.conftest import load_fixture
 
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is as fast, and far faster on a busy shared machine (no OpenMP spinning)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @functools.lru_cache(maxsize=None)
 def _weights(name: str) -> tuple[dict, dict]:
     fx = load_fixture(name)

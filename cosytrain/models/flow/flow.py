@@ -176,6 +176,23 @@ class _CausalFlowBase(nn.Module):
     """What the v2 and v3 flows share: x-vector projection, token embedding, prompt conditions,
     and the unified streaming/offline training coin (the first python ``random`` draw)."""
 
+    def _init_common(self, input_size: int, output_size: int, spk_embed_dim: int, output_type: str,
+                     vocab_size: int, input_frame_rate: int, only_mask_loss: bool, token_mel_ratio: int,
+                     pre_lookahead_len: int, decoder_conf: Optional[Dict[str, Any]]) -> None:
+        """Attributes and the two modules every causal flow has (token table, speaker projection),
+        registered first so the state dict keeps upstream's key order."""
+        self.input_size = input_size
+        self.output_size = output_size
+        self.decoder_conf = decoder_conf if decoder_conf is not None else _DEFAULT_DECODER_CONF
+        self.vocab_size = vocab_size
+        self.output_type = output_type
+        self.input_frame_rate = input_frame_rate
+        self.only_mask_loss = only_mask_loss
+        self.token_mel_ratio = token_mel_ratio
+        self.pre_lookahead_len = pre_lookahead_len
+        self.input_embedding = nn.Embedding(vocab_size, input_size)
+        self.spk_embed_affine_layer = nn.Linear(spk_embed_dim, output_size)
+
     input_embedding: nn.Embedding
     spk_embed_affine_layer: nn.Linear
     decoder: nn.Module
@@ -287,20 +304,11 @@ class CausalMaskedDiffWithXvec(_CausalFlowBase):
         if encoder is None or decoder is None:
             raise ValueError("CausalMaskedDiffWithXvec needs encoder and decoder modules "
                              "(build them from the flow section of the config)")
-        self.input_size = input_size
-        self.output_size = output_size
-        self.decoder_conf = decoder_conf if decoder_conf is not None else _DEFAULT_DECODER_CONF
-        self.vocab_size = vocab_size
-        self.output_type = output_type
-        self.input_frame_rate = input_frame_rate
-        self.input_embedding = nn.Embedding(vocab_size, input_size)
-        self.spk_embed_affine_layer = nn.Linear(spk_embed_dim, output_size)
+        self._init_common(input_size, output_size, spk_embed_dim, output_type, vocab_size, input_frame_rate,
+                          only_mask_loss, token_mel_ratio, pre_lookahead_len, decoder_conf)
         self.encoder = encoder
         self.encoder_proj = nn.Linear(self.encoder.output_size(), output_size)
         self.decoder = decoder
-        self.only_mask_loss = only_mask_loss
-        self.token_mel_ratio = token_mel_ratio
-        self.pre_lookahead_len = pre_lookahead_len
 
     def encode(self, token: torch.Tensor, token_len: torch.Tensor, streaming: bool,
                context: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -332,19 +340,10 @@ class CausalMaskedDiffWithDiT(_CausalFlowBase):
         if pre_lookahead_layer is None or decoder is None:
             raise ValueError("CausalMaskedDiffWithDiT needs pre_lookahead_layer and decoder modules "
                              "(build them from the flow section of the config)")
-        self.input_size = input_size
-        self.output_size = output_size
-        self.decoder_conf = decoder_conf if decoder_conf is not None else _DEFAULT_DECODER_CONF
-        self.vocab_size = vocab_size
-        self.output_type = output_type
-        self.input_frame_rate = input_frame_rate
-        self.input_embedding = nn.Embedding(vocab_size, input_size)
-        self.spk_embed_affine_layer = nn.Linear(spk_embed_dim, output_size)
-        self.pre_lookahead_len = pre_lookahead_len
+        self._init_common(input_size, output_size, spk_embed_dim, output_type, vocab_size, input_frame_rate,
+                          only_mask_loss, token_mel_ratio, pre_lookahead_len, decoder_conf)
         self.pre_lookahead_layer = pre_lookahead_layer
         self.decoder = decoder
-        self.only_mask_loss = only_mask_loss
-        self.token_mel_ratio = token_mel_ratio
 
     def encode(self, token: torch.Tensor, token_len: torch.Tensor, streaming: bool,
                context: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
