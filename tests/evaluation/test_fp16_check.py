@@ -21,7 +21,7 @@ FIXTURES = {"llm": "v1_llm", "flow": "v1_flow", "hift": "hift_v1"}
 
 @functools.lru_cache(maxsize=None)
 def _built(part: str) -> torch.nn.Module:
-    fx = load_fixture(FIXTURES[part])
+    fx = load_fixture(FIXTURES.get(part, part))
     module = build_from_fixture_config(fx["config"])
     module.load_state_dict(fx["state_dict"], strict=True)
     return module.eval()
@@ -228,3 +228,19 @@ def test_cli_reads_utterances_through_the_data_pipeline(tmp_path: Path, capsys) 
     assert written["stages"]["hift"]["mel_source"] == "batch" and written["stages"]["hift"]["lsd_db"] < 1.5
     assert written["source"] == str(data_list.resolve())
     assert "INCOMPLETE: flow" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("gen", ["v2", "v3"])
+def test_cosyvoice2_and_3_fixture_models_pass(gen: str, tmp_path: Path) -> None:
+    """The same check over the v2/v3 parts (Qwen LLM, causal flow or DiT, 24 kHz / causal HiFT)."""
+    from tests.models.test_llm_v2 import build_fixture_model, make_qwen_dir
+
+    fx = load_fixture(f"{gen}_llm")
+    llm = build_fixture_model(fx, make_qwen_dir(tmp_path / "qwen", fx["qwen2_config"], weights=False))
+    flow, hift = _built(f"{gen}_flow"), _built(f"hift_{gen}")
+    # 24 kHz v2/v3 mel (n_fft 1920, hop 480), 2 mel frames per 25 Hz token; flow vocabulary 64, llm 60 speech ids
+    batch = C.synthetic_batch(2, text_vocab=100, speech_vocab=60, sample_rate=24000, n_fft=1920, hop_size=480,
+                              win_size=1920, frames_per_token=2, min_tokens=12, max_tokens=16, seed=7)
+    report = C.run_fp16_check(batch, llm=llm, flow=flow, hift=hift, num_utterances=2)
+    assert set(report.figures["stages"]) == {"llm", "flow", "hift"}, report.figures.get("errors")
+    assert report.figures["passed"], report.figures["failures"]
