@@ -40,16 +40,30 @@ def load_manifest(name: str) -> dict[str, Any]:
 
 
 def pytest_configure(config):
-    """One intra-op thread for the whole session, before any fixture of any scope runs.
+    """One intra-op thread for the whole session, before any fixture of any scope runs; a private cache home.
 
     The suite's tensors are tiny, so a second OpenMP thread buys nothing and, on a busy 2-core
     machine (or beside the DDP tests' extra processes), spin-waiting threads made single tests
     5-8x slower. The fixtures were made with 2 threads; 1 thread differs by at most ~1e-6
     (reference README, section C), far inside every tolerance.
     """
+    import tempfile
+
     import torch
 
     torch.set_num_threads(1)
+    # caches (demo corpus, data index) go to a per-session folder, never the user's ~/.cache/cosytrain
+    if "COSYTRAIN_HOME" not in os.environ:
+        os.environ["COSYTRAIN_HOME"] = config._cosytrain_home = tempfile.mkdtemp(prefix="cosytrain-test-home-")
+
+
+def pytest_unconfigure(config):
+    import shutil
+
+    home = getattr(config, "_cosytrain_home", None)
+    if home:
+        shutil.rmtree(home, ignore_errors=True)
+        os.environ.pop("COSYTRAIN_HOME", None)
 
 
 @pytest.fixture(scope="session")

@@ -55,7 +55,9 @@ class CosyDataModule(pl.LightningDataModule):
         vocoder: hift training: random ``truncate_length`` crops, adds ``speech``/``pitch_feat``.
         truncate_length: vocoder crop length in samples (a multiple of ``hop_size``).
         even_batches: ``pad`` (ranks with fewer batches repeat some) or ``drop`` (cut to fewest).
-        index_cache_dir: folder for per-shard facts (lengths, checks), reused by later runs.
+        index_cache_dir: folder for per-shard facts (lengths, checks), so only the first run (and only
+            rank 0) decodes every row to plan batches; ``auto`` = ``$COSYTRAIN_HOME/index_cache`` (else
+            ``~/.cache/cosytrain/index_cache``), keyed by shard path, size and mtime; None disables it.
         min_sample_rate: audio below this rate is skipped rather than upsampled (upstream 16000).
     """
 
@@ -97,7 +99,7 @@ class CosyDataModule(pl.LightningDataModule):
         vocoder: bool = False,
         truncate_length: int = 24576,
         even_batches: str = "pad",
-        index_cache_dir: Optional[str] = None,
+        index_cache_dir: Optional[str] = "auto",
         min_sample_rate: int = 16000,
     ) -> None:
         super().__init__()
@@ -107,6 +109,10 @@ class CosyDataModule(pl.LightningDataModule):
                 raise DataError(f"{name}: data list {path} not found; run `python -m cosytrain prepare` to make it")
         self.train_data, self.val_data = train_data, val_data
         self.num_workers, self.pin_memory, self.prefetch_factor = num_workers, pin_memory, prefetch_factor
+        if index_cache_dir == "auto":
+            from cosytrain.utils.paths import cache_home
+
+            index_cache_dir = str(cache_home() / "index_cache")
         self.index_cache_dir = index_cache_dir
         feat = FeatureConfig(sample_rate=sample_rate, n_fft=n_fft, num_mels=num_mels, hop_size=hop_size,
                              win_size=win_size, fmin=fmin, fmax=fmax, center=center, min_sample_rate=min_sample_rate,

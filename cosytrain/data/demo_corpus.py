@@ -20,7 +20,6 @@ import contextlib
 import hashlib
 import json
 import multiprocessing as mp
-import os
 import shutil
 import sys
 import time
@@ -54,8 +53,9 @@ VOICES: tuple[DemoVoice, ...] = (
 
 def default_root() -> Path:
     """``$COSYTRAIN_HOME/demo`` when set, else ``~/.cache/cosytrain/demo``."""
-    home = os.environ.get("COSYTRAIN_HOME")
-    return Path(home) / "demo" if home else Path.home() / ".cache" / "cosytrain" / "demo"
+    from cosytrain.utils.paths import cache_home
+
+    return cache_home() / "demo"
 
 
 def load_sentences() -> list[str]:
