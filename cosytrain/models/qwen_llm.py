@@ -384,15 +384,16 @@ class Qwen2LM(TransformerLM):
                 out_tokens.append(top_ids)
                 if top_ids >= self.speech_token_size:
                     if top_ids == self.fill_token:
+                        lm_input = lm_input[:, :0]  # already in the cache; the fill itself is never fed
                         break
                     raise ValueError(f"bistream sampling produced special token {top_ids} while eos was refused")
                 yield top_ids
                 n_speech_out += 1
                 lm_input = self.speech_embedding.weight[top_ids].reshape(1, 1, -1)
 
-        # The text has ended: feed what is left, then decode until eos. Upstream bug, kept so seeded
-        # runs match: after a fill token ``lm_input`` still holds the last speech token, which was
-        # already fed, so it goes into the cache twice here (training has it once).
+        # The text has ended: feed what is left, then decode until eos. Upstream differs here (a bug
+        # we do not copy): after a fill token its ``lm_input`` still holds the last speech token, which
+        # was already fed, so upstream feeds it twice; training has it once, and so does cosytrain.
         lm_input = torch.cat([lm_input, text_cache, task_id_emb], dim=1)
         min_len = int(n_new_text * min_token_text_ratio)
         max_len = int(n_new_text * max_token_text_ratio)

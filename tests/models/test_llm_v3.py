@@ -162,7 +162,8 @@ def test_inference_instruct_prefix_feeds_the_training_layout(model, monkeypatch)
 def test_inference_bistream_feeds_the_training_interleaving(model, monkeypatch):
     """Text in pieces of 3: fed inputs follow the 5:15 training layout; fill tokens are forced, never yielded.
 
-    Upstream re-feeds the last speech token before the final text (a known upstream quirk that we keep).
+    Upstream re-feeds the last speech token before the final text (an upstream bug cosytrain does not
+    copy): here the fed sequence is exactly the training input, token for token.
     """
     g = torch.Generator().manual_seed(1)
     text = torch.randint(0, 160, (1, 12), generator=g)
@@ -177,9 +178,6 @@ def test_inference_bistream_feeds_the_training_interleaving(model, monkeypatch):
         torch.zeros(0, 192), instruct_token=instruct, min_token_text_ratio=0))
     assert tokens == script
     fed = rec.sequence
-    dup = 1 + 3 + 5 + 15 + 5 + 15  # position of the re-fed speech token
-    torch.testing.assert_close(fed[dup], fed[dup - 1])
-    fed = torch.cat([fed[:dup], fed[dup + 1:]])
 
     force_bistream(monkeypatch, coin=0.0)
     speech = torch.tensor([script])
