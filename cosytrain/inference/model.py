@@ -38,7 +38,7 @@ import math
 import threading
 import uuid as uuid_lib
 import warnings
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, ContextManager
@@ -263,6 +263,32 @@ class CosyVoiceModel:
         return tts_speech
 
     # ------------------------------------------------------------------ sessions
+    def _token_feed(self, session: str, text: Any, prompt_text: torch.Tensor, llm_prompt_speech_token: torch.Tensor,
+                    llm_embedding: torch.Tensor, source_speech_token: torch.Tensor
+                    ) -> tuple[list[int], Callable[[], bool]]:
+        """The session's token list and ``pull()``, which appends the LLM's next token (False once done).
+
+        With ``source_speech_token`` (voice conversion) the tokens are given and the LLM never runs.
+        """
+        source: Iterator[int] | None = None
+        if source_speech_token.shape[1] == 0:
+            source = self.speech_tokens(text, prompt_text, llm_prompt_speech_token, llm_embedding)
+        else:
+            self.vc_job(source_speech_token, session)
+        tokens = self.tts_speech_token_dict[session]
+
+        def pull() -> bool:
+            if source is None:
+                return False
+            token = next(source, None)
+            if token is None:
+                self.llm_end_dict[session] = True
+                return False
+            tokens.append(token)
+            return True
+
+        return tokens, pull
+
     def _open_session(self) -> str:
         session = str(uuid_lib.uuid1())
         with self.lock:
@@ -293,25 +319,8 @@ class CosyVoiceModel:
         """
         session = self._open_session()
         try:
-            tokens = self.tts_speech_token_dict[session]
-            if source_speech_token.shape[1] == 0:
-                source: Iterator[int] | None = self.speech_tokens(text, prompt_text, llm_prompt_speech_token,
-                                                                  llm_embedding)
-            else:
-                self.vc_job(source_speech_token, session)
-                tokens = self.tts_speech_token_dict[session]
-                source = None
-
-            def pull() -> bool:
-                """Append one LLM token; False once the LLM has finished."""
-                if source is None:
-                    return False
-                token = next(source, None)
-                if token is None:
-                    self.llm_end_dict[session] = True
-                    return False
-                tokens.append(token)
-                return True
+            tokens, pull = self._token_feed(session, text, prompt_text, llm_prompt_speech_token, llm_embedding,
+                                            source_speech_token)
 
             def synth(chunk: list[int], finalize: bool, speed_: float = 1.0) -> torch.Tensor:
                 if not chunk:
@@ -478,24 +487,8 @@ class CosyVoice2Model(CosyVoiceModel):
         """
         session = self._open_session()
         try:
-            tokens = self.tts_speech_token_dict[session]
-            if source_speech_token.shape[1] == 0:
-                source: Iterator[int] | None = self.speech_tokens(text, prompt_text, llm_prompt_speech_token,
-                                                                  llm_embedding)
-            else:
-                self.vc_job(source_speech_token, session)
-                tokens = self.tts_speech_token_dict[session]
-                source = None
-
-            def pull() -> bool:
-                if source is None:
-                    return False
-                token = next(source, None)
-                if token is None:
-                    self.llm_end_dict[session] = True
-                    return False
-                tokens.append(token)
-                return True
+            tokens, pull = self._token_feed(session, text, prompt_text, llm_prompt_speech_token, llm_embedding,
+                                            source_speech_token)
 
             def synth(n: int | None, offset: int, finalize: bool, stream_: bool, speed_: float = 1.0) -> torch.Tensor:
                 chunk = tokens if n is None else tokens[:n]
