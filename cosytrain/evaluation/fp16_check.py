@@ -23,29 +23,43 @@ GPU behaviour); ``figures['autocast']`` says which.
 
 The global RNG states (python, numpy, torch CPU and CUDA) and each part's train/eval mode are
 restored afterwards, so running the check in the middle of training changes nothing.
-
-Command line: ``python -m cosytrain check-fp16 --model_dir DIR [--data data.list]`` (:func:`main`).
+Command line: ``python -m cosytrain check-fp16 --model_dir DIR [--data data.list]``
+(:func:`cosytrain.evaluation.fp16_cli.main`, re-exported here with the table and model-card helpers;
+the batch helpers live in :mod:`cosytrain.evaluation.fp16_batches`).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import inspect
-import json
 import math
 import random
-import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import torch
 from torch import nn
 
+from cosytrain.evaluation import fp16_cli
 from cosytrain.evaluation import metrics as M
+from cosytrain.evaluation.fp16_batches import (
+    DEFAULT_SEED,
+    _length,
+    _rows,
+    batch_size,
+    synthetic_batch,
+    take_utterances,
+)
+from cosytrain.evaluation.fp16_cli import (
+    CALLBACK_STATE_KEY,
+    MODEL_CARD_KEY,
+    figures_from_checkpoint,
+    format_table,
+    main,
+    model_card_section,
+)
 
 __all__ = [
     "DEFAULT_TOLERANCES",
@@ -70,12 +84,7 @@ __all__ = [
 
 IGNORE_ID = -1
 FORMAT = 1
-DEFAULT_SEED = 1234
-#: ``cosytrain.json`` key holding :func:`model_card_section`.
-MODEL_CARD_KEY = "fp16_check"
-#: ``checkpoint['callbacks']`` key of :class:`cosytrain.tasks.fp16_callback.FP16EvalCallback`'s state.
-CALLBACK_STATE_KEY = "FP16EvalCallback"
-RESULT_FILE = "fp16_check.json"
+RESULT_FILE = fp16_cli.RESULT_FILE  # the command line's default output file
 
 #: Metrics where larger is better (the tolerance is a lower bound); all others are upper bounds.
 HIGHER_IS_BETTER = frozenset({"top1_agreement", "cosine"})
@@ -269,109 +278,6 @@ class _Replay:
         self.cursor += 1
         return value.clone()
 
-
-# --------------------------------------------------------------------------------------------------
-# Utterances
-# --------------------------------------------------------------------------------------------------
-
-
-def batch_size(batch: Mapping[str, Any]) -> int:
-    """Utterances in a padded batch (the first dimension of its token/feature tensors)."""
-    for key in ("speech_token", "text_token", "speech_feat", "embedding"):
-        value = batch.get(key)
-        if isinstance(value, torch.Tensor):
-            return int(value.shape[0])
-    raise ValueError(f"batch has none of speech_token/text_token/speech_feat/embedding (keys: {sorted(batch)})")
-
-
-def _slice_batch(batch: Mapping[str, Any], k: int) -> dict[str, Any]:
-    """The first ``k`` utterances of a padded batch (every per-utterance tensor/list cut along dim 0)."""
-    size = batch_size(batch)
-    out: dict[str, Any] = {}
-    for key, value in batch.items():
-        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == size:
-            out[key] = value[:k].detach().cpu().clone()
-        elif isinstance(value, (list, tuple)) and len(value) == size:
-            out[key] = list(value[:k])
-        else:
-            out[key] = value
-    return out
-
-
-def take_utterances(batches: Mapping[str, Any] | Sequence[Mapping[str, Any]], num_utterances: int) -> list[dict]:
-    """The first ``num_utterances`` utterances of one batch or a sequence of batches, as CPU batches."""
-    if isinstance(batches, Mapping):
-        batches = [batches]
-    if num_utterances < 1:
-        raise ValueError(f"num_utterances must be at least 1, got {num_utterances}")
-    taken: list[dict] = []
-    left = num_utterances
-    for batch in batches:
-        if left <= 0:
-            break
-        if not isinstance(batch, Mapping):
-            raise TypeError(f"a batch must be a dict with upstream keys, got {type(batch).__name__}")
-        k = min(left, batch_size(batch))
-        taken.append(_slice_batch(batch, k))
-        left -= k
-    if not taken:
-        raise ValueError("no utterances to check: the batches are empty")
-    return taken
-
-
-def _rows(batches: Sequence[Mapping[str, Any]]) -> Iterator[tuple[Mapping[str, Any], int]]:
-    for batch in batches:
-        for i in range(batch_size(batch)):
-            yield batch, i
-
-
-def _length(batch: Mapping[str, Any], key: str, i: int) -> int:
-    lens = batch.get(f"{key}_len")
-    return int(lens[i]) if lens is not None else int(batch[key].shape[1])
-
-
-def synthetic_batch(num_utterances: int = 4, *, text_vocab: int = 100, speech_vocab: int = 40,
-                    embedding_dim: int = 192, sample_rate: int = 22050, n_fft: int = 1024, num_mels: int = 80,
-                    hop_size: int = 256, win_size: int = 1024, fmin: float = 0.0, fmax: Optional[float] = 8000.0,
-                    frames_per_token: float = 22050 / 256 / 50, min_tokens: int = 16, max_tokens: int = 28,
-                    seed: int = DEFAULT_SEED) -> dict[str, Any]:
-    """A deterministic padded batch with upstream keys when no data is given.
-
-    Tokens and x-vectors are seeded random; ``speech_feat`` is the real log-mel of a voiced-looking
-    test signal (a harmonic tone with a gliding pitch plus a little noise), so the flow gets a
-    prompt mel with realistic values. ``frames_per_token`` = mel frames per speech token (v1 about
-    1.72, v2/v3 ``token_mel_ratio`` 2).
-    """
-    from cosytrain.data.features import mel_spectrogram
-
-    gen = torch.Generator().manual_seed(seed)
-    n_speech = torch.randint(min_tokens, max_tokens + 1, (num_utterances,), generator=gen)
-    n_text = torch.clamp(n_speech // 3, min=2)
-    n_feat = torch.floor(n_speech.double() * frames_per_token).long()
-    text = torch.zeros(num_utterances, int(n_text.max()), dtype=torch.long)
-    speech = torch.zeros(num_utterances, int(n_speech.max()), dtype=torch.long)
-    feats = torch.zeros(num_utterances, int(n_feat.max()), num_mels)
-    for i in range(num_utterances):
-        text[i, :n_text[i]] = torch.randint(0, text_vocab, (int(n_text[i]),), generator=gen)
-        speech[i, :n_speech[i]] = torch.randint(0, speech_vocab, (int(n_speech[i]),), generator=gen)
-        length = int(n_feat[i]) * hop_size
-        t = torch.arange(length, dtype=torch.float64) / sample_rate
-        f0 = 110.0 + 60.0 * float(torch.rand((), generator=gen)) + 40.0 * t / max(float(t[-1]), 1e-3)
-        phase = 2 * math.pi * torch.cumsum(f0 / sample_rate, 0)
-        wav = sum(0.3 / h * torch.sin(h * phase) for h in range(1, 8))
-        wav = wav + 0.003 * torch.randn(length, generator=gen, dtype=torch.float64)
-        mel = mel_spectrogram(wav.float().unsqueeze(0), n_fft, num_mels, sample_rate, hop_size, win_size, fmin, fmax)
-        frames = min(int(n_feat[i]), mel.shape[-1])
-        feats[i, :frames] = mel[0, :, :frames].t()
-        n_feat[i] = frames
-    embedding = torch.randn(num_utterances, embedding_dim, generator=gen)
-    return {
-        "utts": [f"synthetic_{i}" for i in range(num_utterances)],
-        "text_token": text, "text_token_len": n_text.int(),
-        "speech_token": speech, "speech_token_len": n_speech.int(),
-        "speech_feat": feats, "speech_feat_len": n_feat.int(),
-        "embedding": embedding,
-    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -730,250 +636,6 @@ def flat_figures(figures: Mapping[str, Any], prefix: str = "fp16") -> dict[str, 
             out[f"{prefix}/{stage}/error"] = 1.0
     out[f"{prefix}/passed"] = 1.0 if figures.get("passed") else 0.0
     return out
-
-
-def format_table(figures: Mapping[str, Any]) -> str:
-    """A plain-text table: stage, metric, value, bound, ok."""
-    tols = figures.get("tolerances", {})
-    rows = [("stage", "metric", "value", "bound", "ok")]
-    for stage, figs in figures.get("stages", {}).items():
-        if "error" in figs:
-            rows.append((stage, "error", figs["error"], "", "FAIL"))
-            continue
-        for metric, value in figs.items():
-            if not isinstance(value, (int, float)) or isinstance(value, bool):
-                continue
-            bound = tols.get(f"{stage}/{metric}")
-            ok = "" if bound is None else ("ok" if _passes(metric, value, bound) else "FAIL")
-            shown_bound = "" if bound is None else (">= " if metric in HIGHER_IS_BETTER else "<= ") + f"{bound:.4g}"
-            shown = str(value) if isinstance(value, int) else f"{value:.6g}"
-            rows.append((stage, metric, shown, shown_bound, ok))
-    widths = [max(len(str(r[c])) for r in rows) for c in range(5)]
-    lines = ["  ".join(str(r[c]).ljust(widths[c]) for c in range(5)).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    for stage, reason in figures.get("skipped", {}).items():
-        lines.append(f"{stage}: skipped ({reason})")
-    for stage, message in figures.get("errors", {}).items():
-        lines.append(f"{stage}: NOT CHECKED, it could not run: {message}")
-    note = figures.get("autocast", {}).get("note")
-    if note:
-        lines.append(f"precision: {note}")
-    if not figures.get("passed"):
-        lines.append("FAILED: " + "; ".join(figures.get("failures", [])))
-    elif figures.get("errors"):
-        lines.append(f"INCOMPLETE: {', '.join(figures['errors'])} not checked; the checked stages are within bounds")
-    else:
-        lines.append("PASSED")
-    return "\n".join(lines)
-
-
-def model_card_section(figures: Mapping[str, Any]) -> dict[str, Any]:
-    """What ``cosytrain.json`` stores under :data:`MODEL_CARD_KEY`: verdict, precision note and figures."""
-    return _plain({
-        "passed": bool(figures.get("passed")),
-        "failures": list(figures.get("failures", [])),
-        "autocast": dict(figures.get("autocast", {})),
-        "num_utterances": figures.get("num_utterances"),
-        "seed": figures.get("seed"),
-        "stages": dict(figures.get("stages", {})),
-        "skipped": dict(figures.get("skipped", {})),
-        "errors": dict(figures.get("errors", {})),
-        "tolerances": dict(figures.get("tolerances", {})),
-        **({"source": figures["source"]} if "source" in figures else {}),
-    })
-
-
-def figures_from_checkpoint(checkpoint: Mapping[str, Any]) -> Optional[dict[str, Any]]:
-    """The last figures an :class:`FP16EvalCallback` saved into a Lightning checkpoint dict, or None."""
-    callbacks = checkpoint.get("callbacks") if isinstance(checkpoint, Mapping) else None
-    if not isinstance(callbacks, Mapping):
-        return None
-    state = callbacks.get(CALLBACK_STATE_KEY)
-    if isinstance(state, Mapping) and isinstance(state.get("last_figures"), Mapping):
-        return dict(state["last_figures"])
-    return None
-
-
-# --------------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------------
-
-
-def _kwargs_of(node: Any) -> dict[str, Any]:
-    kwargs = getattr(node, "kwargs", None)
-    return {k: v for k, v in (kwargs or {}).items() if isinstance(v, (int, float, str, type(None)))}
-
-
-def _feature_conf(config: Mapping[str, Any], hift: Optional[nn.Module], generation: str) -> dict[str, Any]:
-    """Mel options: the config's ``feat_extractor`` (upstream ``!name:...mel_spectrogram``), else defaults."""
-    v1 = generation == "v1"
-    conf = {"n_fft": 1024 if v1 else 1920, "num_mels": 80, "sampling_rate": 22050 if v1 else 24000,
-            "hop_size": 256 if v1 else 480, "win_size": 1024 if v1 else 1920, "fmin": 0,
-            "fmax": None if generation == "v3" else 8000, "center": False}
-    conf.update({k: v for k, v in _kwargs_of(config.get("feat_extractor")).items() if k in conf})
-    if hift is not None and getattr(hift, "sampling_rate", None):
-        conf["sampling_rate"] = int(hift.sampling_rate)
-    return conf
-
-
-def _card_tokenizer(model_dir: Path) -> Optional[str]:
-    """The text tokenizer the export recorded (``run_text_tokenizer`` in cosytrain.json), if any."""
-    try:
-        value = json.loads((model_dir / "cosytrain.json").read_text(encoding="utf-8")).get("run_text_tokenizer")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return value if isinstance(value, str) else None
-
-
-def _data_batches(args: argparse.Namespace, parts: Mapping[str, nn.Module], generation: str,
-                  feat: Mapping[str, Any]) -> list[dict]:
-    """The first ``--num_utterances`` utterances of ``--data`` through cosytrain's own pipeline, with the
-    model's mel options, in file order (no shuffling), so repeated checks see the same utterances."""
-    from cosytrain.data.datamodule import CosyDataModule
-
-    flow = parts.get("flow")
-    ratio = int(getattr(flow, "token_mel_ratio", 0) or 0)
-    tokenizer = args.text_tokenizer or _card_tokenizer(Path(args.model_dir)) or \
-        {"v1": "whisper", "v2": "qwen", "v3": "qwen3"}[generation]
-    tokenizer_path = args.text_tokenizer_path
-    if tokenizer_path is None and tokenizer in ("qwen", "qwen3"):
-        tokenizer_path = str(Path(args.model_dir) / "CosyVoice-BlankEN")
-    dm = CosyDataModule(val_data=args.data, sample_rate=int(feat["sampling_rate"]), n_fft=int(feat["n_fft"]),
-                        num_mels=int(feat["num_mels"]), hop_size=int(feat["hop_size"]),
-                        win_size=int(feat["win_size"]), fmin=float(feat["fmin"]),
-                        fmax=None if feat["fmax"] is None else float(feat["fmax"]), center=bool(feat["center"]),
-                        num_frames=-1 if generation == "v1" else 960, token_mel_ratio=ratio,
-                        text_tokenizer=tokenizer, text_tokenizer_path=tokenizer_path, speech_token_size=None,
-                        batch_type="static", batch_size=args.num_utterances, shuffle_size=1, sort_size=1)
-    dm.setup("validate")
-    batches, count = [], 0
-    for batch in dm.val_dataloader():
-        batches.append(batch)
-        count += batch_size(batch)
-        if count >= args.num_utterances:
-            break
-    if not batches:
-        raise ValueError(f"{args.data}: no utterances survived the data pipeline's filters")
-    return batches
-
-
-def _synthetic_for(parts: Mapping[str, nn.Module], feat: Mapping[str, Any], n: int, seed: int) -> dict[str, Any]:
-    llm, flow = parts.get("llm"), parts.get("flow")
-    vocab = [int(v) for v in (getattr(llm, "speech_token_size", None), getattr(flow, "vocab_size", None)) if v]
-    text_vocab = 100
-    if llm is not None:
-        emb = getattr(llm, "text_embedding", None)
-        text_vocab = int(emb.num_embeddings) if isinstance(emb, nn.Embedding) else text_vocab
-        text_vocab = min(text_vocab, 1000)
-    spk = getattr(llm, "spk_embed_affine_layer", None) or getattr(flow, "spk_embed_affine_layer", None)
-    ratio = getattr(flow, "token_mel_ratio", None)
-    frames = float(ratio) if ratio else feat["sampling_rate"] / feat["hop_size"] / 50
-    return synthetic_batch(n, text_vocab=text_vocab, speech_vocab=min(vocab) if vocab else 40,
-                           embedding_dim=int(spk.in_features) if isinstance(spk, nn.Linear) else 192,
-                           sample_rate=int(feat["sampling_rate"]), n_fft=int(feat["n_fft"]),
-                           num_mels=int(feat["num_mels"]), hop_size=int(feat["hop_size"]),
-                           win_size=int(feat["win_size"]), fmin=float(feat["fmin"]),
-                           fmax=None if feat["fmax"] is None else float(feat["fmax"]), frames_per_token=frames,
-                           seed=seed)
-
-
-def _parse_tolerances(items: Sequence[str]) -> dict[str, Optional[float]]:
-    out: dict[str, Optional[float]] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--tolerance {item!r}: write stage/metric=VALUE (or =none), e.g. flow/mel_l1=0.1")
-        out[key.strip()] = None if value.strip().lower() in ("none", "off") else float(value)
-    return out
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m cosytrain check-fp16",
-        description="Compare a model directory's llm/flow/hift under FP16 autocast with FP32 on a fixed set of"
-                    " utterances; prints a table, writes fp16_check.json and the fp16_check section of"
-                    " cosytrain.json.")
-    p.add_argument("--model_dir", "--model-dir", required=True, help="upstream-layout model directory")
-    p.add_argument("--data", help="data.list of parquet shards (default: seeded synthetic utterances)")
-    p.add_argument("--num_utterances", "--num-utterances", type=int, default=4)
-    p.add_argument("--parts", default="llm,flow,hift", help="comma-separated parts to check (default: all present)")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--seed", type=int, default=DEFAULT_SEED)
-    p.add_argument("--tolerance", action="append", default=[], metavar="STAGE/METRIC=VALUE",
-                   help="override a bound (repeatable), e.g. flow/mel_l1=0.1; =none switches it off")
-    p.add_argument("--text_tokenizer", "--text-tokenizer",
-                   help="tokenizer for --data (default: cosytrain.json's run_text_tokenizer, else the generation's)")
-    p.add_argument("--text_tokenizer_path", "--text-tokenizer-path")
-    p.add_argument("--output", help=f"where to write the figures (default: MODEL_DIR/{RESULT_FILE})")
-    p.add_argument("--no_update_card", "--no-update-card", action="store_true",
-                   help="do not write the fp16_check section into MODEL_DIR/cosytrain.json")
-    return p
-
-
-def _update_model_card(model_dir: Path, figures: Mapping[str, Any]) -> Path:
-    from cosytrain.utils.atomic import atomic_write_text
-
-    card = model_dir / "cosytrain.json"
-    data: dict[str, Any] = {}
-    if card.is_file():
-        loaded = json.loads(card.read_text(encoding="utf-8"))
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{card}: is not a JSON object; fix or remove it, or pass --no_update_card")
-        data = loaded
-    data[MODEL_CARD_KEY] = model_card_section(figures)
-    atomic_write_text(card, json.dumps(data, indent=2) + "\n")
-    return card
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m cosytrain check-fp16``: exit 0 when every figure is within bounds, 1 when one is not,
-    2 when the check could not run (bad arguments, unreadable directory, a stage that cannot run in FP32)."""
-    from cosytrain.modeldir import ModelDirError, PARTS, open_model_dir
-    from cosytrain.utils.atomic import atomic_write_text
-
-    args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    model_dir = Path(args.model_dir)
-    try:
-        tolerances = _parse_tolerances(args.tolerance)
-        resolve_tolerances(tolerances)
-        wanted = [p.strip() for p in args.parts.split(",") if p.strip()]
-        unknown = [p for p in wanted if p not in PARTS]
-        if unknown:
-            raise ValueError(f"--parts: unknown {', '.join(unknown)}; parts are {', '.join(PARTS)}")
-        if args.num_utterances < 1:
-            raise ValueError("--num_utterances must be at least 1")
-        if args.device == "auto":
-            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        else:
-            device = torch.device(args.device)
-        directory = open_model_dir(model_dir)
-        present = [p for p in wanted if directory.weights_path(p).is_file()]
-        if not present:
-            raise ValueError(f"{model_dir}: holds none of {', '.join(p + '.pt' for p in wanted)}")
-        parts = directory.load(present, device=device)
-        feat = _feature_conf(directory.config, parts.get("hift"), directory.generation)
-        if args.data:
-            batches = _data_batches(args, parts, directory.generation, feat)
-            source = str(Path(args.data).resolve())
-        else:
-            batches = [_synthetic_for(parts, feat, args.num_utterances, args.seed)]
-            source = f"synthetic (seed {args.seed})"
-        report = run_fp16_check(batches, llm=parts.get("llm"), flow=parts.get("flow"), hift=parts.get("hift"),
-                                num_utterances=args.num_utterances, tolerances=tolerances, seed=args.seed)
-    except (ModelDirError, ValueError, KeyError, TypeError, OSError) as exc:
-        print(f"cosytrain check-fp16: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
-    figures = dict(report.figures, source=source, model_dir=str(model_dir.resolve()),
-                   generation=directory.generation)
-    print(format_table(figures))
-    output = Path(args.output) if args.output else model_dir / RESULT_FILE
-    atomic_write_text(output, json.dumps(figures, indent=2) + "\n")
-    print(f"figures written to {output}")
-    if not args.no_update_card:
-        print(f"model card section '{MODEL_CARD_KEY}' written to {_update_model_card(model_dir, figures)}")
-    if not report.passed:
-        return 1
-    return 2 if figures.get("errors") else 0
 
 
 if __name__ == "__main__":

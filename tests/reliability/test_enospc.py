@@ -89,6 +89,6 @@ def test_export_on_a_full_disk_keeps_the_previous_export(tmp_path: Path, small_d
         export_model([second], out, base=base, overwrite=True, check=False)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the previous export, byte for byte
     assert sorted(p.name for p in small_disk.iterdir()) == ["export", "filler"]  # no temp dir left
-    # export writes weights through memory (export._save), so the OSError surfaces and is worded once
+    # export writes weights through memory (cosytrain.export.writer._save), so the OSError surfaces and is worded once
     assert isinstance(err.value, (AtomicWriteError, ExportError)), f"{type(err.value).__name__}: {err.value}"
     assert "no space left" in str(err.value) and "\n" not in str(err.value)

@@ -1,0 +1,120 @@
+"""``python -m cosytrain export``: Lightning checkpoints -> an upstream-layout CosyVoice model directory.
+
+Our tasks keep each trained part under the attribute ``llm``, ``flow`` or ``hift``, so a checkpoint's
+``state_dict`` keys are ``llm.*`` / ``flow.*`` / ``hift.*`` (the vocoder's discriminator sits under
+``discriminator.*`` and is never exported) and export is a prefix split. On top of that, one module each:
+
+:mod:`cosytrain.export.checkpoints`
+    Choosing and averaging checkpoints: files, folders of them or DeepSpeed ZeRO folders;
+    ``--average best:N`` / ``last:N``, scores from the checkpoints' ``ModelCheckpoint`` state;
+    float64 averaging.
+:mod:`cosytrain.export.run_config`
+    Where the rest comes from: parts not in the checkpoints come from ``--base DIR``, whose yaml is
+    reused verbatim; without a base the config is rebuilt from the training run's ``config.yaml``
+    as upstream HyperPyYAML (``cosyvoice.yaml``, ``cosyvoice2.yaml`` or ``cosyvoice3.yaml``), with
+    the run's Qwen folder, text tokenizer, built-in front ends and speakers.
+:mod:`cosytrain.export.checks`
+    The load-back and synthesis check.
+:mod:`cosytrain.export.writer`
+    :func:`export_model`: front-end files, ``cosytrain.json``, and the safety of the write (built
+    in a temporary sibling and renamed into place only after the check passed).
+
+This module holds the public API and the command line (:func:`main`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from cosytrain.export import checks, run_config, writer
+from cosytrain.export.checkpoints import (
+    CheckpointInfo,
+    average_state_dicts,
+    checkpoint_infos,
+    read_checkpoint,
+    select_checkpoints,
+    split_parts,
+)
+from cosytrain.export.checks import smoke_test, smoke_test_v23
+from cosytrain.export.errors import ExportError
+from cosytrain.export.run_config import run_config_to_tree, speaker_info_from_shards
+from cosytrain.export.writer import ExportResult, export_model
+from cosytrain.modeldir import GENERATION_NAMES, PARTS, ModelDirError
+
+__all__ = [
+    "ExportError",
+    "CheckpointInfo",
+    "ExportResult",
+    "average_state_dicts",
+    "read_checkpoint",
+    "split_parts",
+    "checkpoint_infos",
+    "select_checkpoints",
+    "run_config_to_tree",
+    "smoke_test",
+    "smoke_test_v23",
+    "speaker_info_from_shards",
+    "export_model",
+    "main",
+]
+
+# The file and folder names, as importable from here as before the split into modules.
+METADATA_FILE = writer.METADATA_FILE
+SPK2INFO_FILE = writer.SPK2INFO_FILE
+BUILTIN_FRONT_END_FILES = writer.BUILTIN_FRONT_END_FILES
+QWEN_DIR = run_config.QWEN_DIR
+CONFIG_NAMES = run_config.CONFIG_NAMES
+UPSTREAM_TEXT_TOKENIZER = run_config.UPSTREAM_TEXT_TOKENIZER
+CHECK_TEXT = checks.CHECK_TEXT
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m cosytrain export",
+        description="Export Lightning checkpoints to an upstream-layout CosyVoice model directory"
+                    " (llm.pt, flow.pt, hift.pt, cosyvoice*.yaml, cosytrain.json).")
+    parser.add_argument("checkpoints", nargs="+",
+                        help="checkpoint files, folders of them (<run>/checkpoints) or DeepSpeed checkpoint folders")
+    parser.add_argument("-o", "--output", required=True, help="model directory to write")
+    parser.add_argument("--base", help="upstream model directory supplying the parts not trained, its yaml and"
+                                       " front-end files")
+    parser.add_argument("--average", metavar="best:N|last:N",
+                        help="average the N best (validation score) or N latest checkpoints; default: all given")
+    parser.add_argument("--monitor", help="metric for best:N when the checkpoints monitor several")
+    parser.add_argument("--run-config", action="append",
+                        help="a run's config.yaml (repeatable; default: found beside the checkpoints): the"
+                             " parts' configs (without --base) and the data folder with the built-in front ends"
+                             " and spk2embedding.pt")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    parser.add_argument("--no-check", action="store_true", help="skip the load-back and synthesis check")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from cosytrain.models.upstream_yaml import UpstreamConfigError
+
+    args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        result = export_model(args.checkpoints, args.output, base=args.base, average=args.average,
+                              monitor=args.monitor, run_config=args.run_config, overwrite=args.overwrite,
+                              check=not args.no_check)
+    except (ExportError, ModelDirError, UpstreamConfigError) as exc:
+        print(f"cosytrain export: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"cosytrain export: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1
+    parts = result.metadata["parts"]
+    summary = ", ".join(
+        f"{p} from {len(parts[p]['checkpoints'])} checkpoint(s)" if parts[p]["source"] == "checkpoint"
+        else f"{p} from base" for p in PARTS)
+    print(f"exported {GENERATION_NAMES[result.generation]} model to {result.output} ({summary})")
+    return 0
+

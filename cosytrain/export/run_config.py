@@ -1,0 +1,371 @@
+"""What an export takes from the training run(s): the config (when there is no ``--base``) and side files.
+
+Where the rest comes from
+    Parts not in the checkpoints come from ``--base DIR`` (an upstream model directory), whose yaml
+    is reused verbatim. Without a base, every part must come from checkpoints and the config is
+    rebuilt from the training run (LightningCLI's ``<run>/config.yaml``: the parts'
+    ``class_path``/``init_args``) and written as upstream HyperPyYAML: ``cosyvoice.yaml``,
+    ``cosyvoice2.yaml`` or ``cosyvoice3.yaml`` after the parts' classes (all three must be of one
+    generation). The front-end keys are upstream's for that generation (whisper ``get_tokenizer``
+    for v1; for v2/v3 ``get_qwen_tokenizer`` and a top-level ``qwen_pretrain_path: ''`` that the
+    llm's ``Qwen2Encoder`` refers to, set by upstream's loader to ``<dir>/CosyVoice-BlankEN``); the
+    v2/v3 ``feat_extractor`` takes the run's mel settings. For v2/v3 the Qwen folder the run's llm
+    was built from (``pretrain_path``: config, tokenizer files, weights if it has them) is copied as
+    ``CosyVoice-BlankEN`` (plus tokenizer files of a separate ``text_tokenizer_path``). A
+    config-only folder (the tiny recipes') loads in cosytrain; upstream's ``from_pretrained`` needs
+    weights in it.
+
+    The text tokenizer the run's data module used is recorded in ``cosytrain.json`` as
+    ``text_tokenizer`` (cosytrain's front end uses it); when it is not upstream's for the generation
+    (the demo's ``byte``), the export warns, because upstream's front end would feed the LLM the
+    wrong ids.
+
+    The runs' data folders (found through their configs) hold the built-in front ends ``prepare``
+    fitted and the shards' ``spk2embedding.pt``, which :func:`speaker_info_from_shards` turns into
+    upstream's ``spk2info.pt`` layout.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cosytrain.export.checkpoints import CheckpointInfo
+from cosytrain.export.errors import ExportError
+from cosytrain.modeldir import GENERATION_NAMES, ModelDirError, load_weights_file
+
+__all__ = ["run_config_to_tree", "speaker_info_from_shards"]
+
+QWEN_DIR = "CosyVoice-BlankEN"
+CONFIG_NAMES = {"v1": "cosyvoice.yaml", "v2": "cosyvoice2.yaml", "v3": "cosyvoice3.yaml"}
+# The text tokenizer upstream's front end uses for each generation's written config.
+UPSTREAM_TEXT_TOKENIZER = {"v1": "whisper", "v2": "qwen", "v3": "qwen3"}
+
+
+# --------------------------------------------------------------------------------------------------
+# Config from a training run (no base directory)
+# --------------------------------------------------------------------------------------------------
+
+_CFM_CLASSES = {"cosyvoice.flow.flow_matching.ConditionalCFM", "cosyvoice.flow.flow_matching.CausalConditionalCFM"}
+
+
+def _reverse_registry() -> dict[int, tuple[str, str]]:
+    """id(cosytrain object) -> (kind, upstream name), for the objects that exist so far."""
+    from cosytrain.models import registry
+
+    out: dict[int, tuple[str, str]] = {}
+    for kind, table in (("class", registry.CLASSES), ("function", registry.FUNCTIONS)):
+        for upstream in table:
+            try:
+                obj = registry.resolve(upstream, kind)
+            except Exception:  # not implemented yet, or an optional dependency missing
+                continue
+            out.setdefault(id(obj), (kind, upstream))
+    return out
+
+
+def _upstream_name(dotted: str, where: str, reverse: dict[int, tuple[str, str]]) -> tuple[str, str]:
+    from cosytrain.models import registry
+
+    if dotted in registry.CLASSES:
+        return "class", dotted
+    if dotted in registry.FUNCTIONS:
+        return "function", dotted
+    if dotted.startswith("cosytrain."):
+        module_name, _, attr = dotted.rpartition(".")
+        try:
+            obj = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError):
+            obj = None
+        if obj is not None and id(obj) in reverse:
+            return reverse[id(obj)]
+    raise ExportError(f"run config: {where}: {dotted} has no upstream CosyVoice equivalent, so no upstream yaml can"
+                      " name it; export with --base DIR instead")
+
+
+def run_config_to_tree(value: Any, where: str = "", reverse: dict[int, tuple[str, str]] | None = None) -> Any:
+    """A part's LightningCLI config (``class_path``/``init_args``, nested) -> an upstream inert tree.
+
+    Also accepts the reference fixtures' ``{'class': upstream name, ...}`` form. A string naming a
+    known function (``cosytrain.models.sampling.ras_sampling``) becomes ``!name:``; a ``cfm_params``
+    mapping becomes upstream's ``!new:omegaconf.DictConfig``.
+    """
+    from cosytrain.models.registry import fixture_config_to_tree
+    from cosytrain.models.upstream_yaml import Name, New
+
+    reverse = _reverse_registry() if reverse is None else reverse
+    if isinstance(value, Mapping) and "class_path" in value:
+        kind, upstream = _upstream_name(str(value["class_path"]), where, reverse)
+        args = {**dict(value.get("init_args") or {}), **dict(value.get("dict_kwargs") or {})}
+        kwargs = {str(k): run_config_to_tree(v, f"{where}.{k}", reverse) for k, v in args.items()}
+        if upstream in _CFM_CLASSES and isinstance(kwargs.get("cfm_params"), dict):
+            kwargs["cfm_params"] = New("omegaconf.DictConfig", [], {"content": kwargs["cfm_params"]})
+        return (New if kind == "class" else Name)(upstream, [], kwargs)
+    if isinstance(value, Mapping) and ("class" in value or "function" in value):
+        return fixture_config_to_tree(dict(value))
+    if isinstance(value, Mapping):
+        return {str(k): run_config_to_tree(v, f"{where}.{k}", reverse) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [run_config_to_tree(v, f"{where}[{i}]", reverse) for i, v in enumerate(value)]
+    if isinstance(value, str) and re.fullmatch(r"(cosytrain|cosyvoice|matcha)(\.\w+)+", value):
+        try:
+            kind, upstream = _upstream_name(value, where, reverse)
+        except ExportError:
+            return value
+        if kind == "function":
+            return Name(upstream, [], {})
+    return value
+
+
+def _find_run_config(path: Path) -> Path | None:
+    for folder in (path.parent, path.parent.parent):
+        if (folder / "config.yaml").is_file():
+            return folder / "config.yaml"
+    return None
+
+
+def _init_args(section: Any) -> Mapping[str, Any]:
+    """``init_args`` of a LightningCLI ``class_path`` section, or the section itself."""
+    if not isinstance(section, Mapping):
+        return {}
+    args = section.get("init_args", {}) if "class_path" in section else section
+    return args if isinstance(args, Mapping) else {}
+
+
+def _read_run_config(config_path: Path) -> Mapping[str, Any]:
+    """A LightningCLI config.yaml, read with ``yaml.safe_load``."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise ExportError(f"{config_path}: cannot read the run config ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, Mapping) or not isinstance(data.get("model"), Mapping):
+        raise ExportError(f"{config_path}: has no 'model' section; is it LightningCLI's saved config?")
+    return data
+
+
+def _run_text_tokenizer(config_path: str) -> str | None:
+    """The text tokenizer kind the run's data module used (``data.init_args.text_tokenizer``), if stated."""
+    path = Path(config_path)
+    if not path.is_file():
+        return None
+    value = _init_args(_read_run_config(path).get("data")).get("text_tokenizer")
+    return value if isinstance(value, str) else None
+
+
+def _part_configs_from_run(info: CheckpointInfo, run_configs: Sequence[Path]) -> tuple[dict[str, Any], str]:
+    """The raw part configs for ``info.parts`` and where they were found.
+
+    Looked up in the checkpoint's hyperparameters, then in each ``--run-config`` given, then in the
+    ``config.yaml`` LightningCLI saved beside the checkpoint's folder; the first holding every part wins.
+    """
+
+    def pick(model_args: Mapping[str, Any]) -> dict[str, Any]:
+        found = {}
+        for part in info.parts:
+            value = model_args.get(part, model_args.get("generator") if part == "hift" else None)
+            if value is not None:
+                found[part] = value
+        return found
+
+    found = pick(info.hparams)
+    if len(found) == len(info.parts):
+        return found, f"{info.path} hyper_parameters"
+    discovered = _find_run_config(info.path)
+    candidates = list(run_configs) + ([discovered] if discovered is not None else [])
+    if not candidates:
+        raise ExportError(f"{info.path}: cannot find the run's config.yaml (looked beside the checkpoint and one"
+                          " folder up); pass --run-config RUN/config.yaml or --base DIR")
+    for config_path in candidates:
+        found = pick(_init_args(_read_run_config(config_path)["model"]))
+        if len(found) == len(info.parts):
+            return found, str(config_path)
+    missing = [p for p in info.parts if p not in found]
+    raise ExportError(f"{', '.join(map(str, candidates))}: no model config for {', '.join(missing)} (the parts of"
+                      f" {info.path.name}); pass --run-config with that run's config.yaml, or --base DIR")
+
+
+def _v1_config_tree(parts: Mapping[str, Any]) -> dict[str, Any]:
+    """A complete upstream ``cosyvoice.yaml`` around the three part trees (front-end keys: upstream v1's)."""
+    from cosytrain.models.upstream_yaml import Apply, Name
+
+    hift_rate = parts["hift"].kwargs.get("sampling_rate", 22050)
+    sample_rate = hift_rate if isinstance(hift_rate, int) else 22050
+    return {
+        "__set_seed1": Apply("random.seed", [1986]),
+        "__set_seed2": Apply("numpy.random.seed", [1986]),
+        "__set_seed3": Apply("torch.manual_seed", [1986]),
+        "__set_seed4": Apply("torch.cuda.manual_seed_all", [1986]),
+        "sample_rate": sample_rate,
+        "llm": parts["llm"],
+        "flow": parts["flow"],
+        "hift": parts["hift"],
+        "get_tokenizer": Name("whisper.tokenizer.get_tokenizer", [],
+                              {"multilingual": True, "num_languages": 100, "language": "en", "task": "transcribe"}),
+        "allowed_special": "all",
+        "feat_extractor": Name("matcha.utils.audio.mel_spectrogram", [],
+                               {"n_fft": 1024, "num_mels": 80, "sampling_rate": sample_rate, "hop_size": 256,
+                                "win_size": 1024, "fmin": 0, "fmax": 8000, "center": False}),
+    }
+
+
+def _check_run_generations(parts: Mapping[str, Any], sources: Mapping[str, str], generation: str) -> None:
+    """All three parts of a config written from runs must be of one generation."""
+    from cosytrain.modeldir import _PART_CLASS_GENERATIONS
+
+    for part, tree in parts.items():
+        generations = _PART_CLASS_GENERATIONS.get(part, {}).get(getattr(tree, "target", ""), ())
+        if generations and generation not in generations:
+            found = " or ".join(GENERATION_NAMES[g] for g in generations)
+            raise ExportError(f"{sources.get(part, part)}: the {part} is {tree.target} ({found}) but the other parts"
+                              f" make a {GENERATION_NAMES[generation]} model; export parts of one generation")
+
+
+def _v23_config_tree(parts: Mapping[str, Any], generation: str, data_args: Mapping[str, Any]) -> dict[str, Any]:
+    """A complete upstream ``cosyvoice2.yaml``/``cosyvoice3.yaml`` around the three part trees.
+
+    As upstream's files: a top-level ``qwen_pretrain_path: ''`` that the llm's ``Qwen2Encoder`` and the
+    front end's ``get_qwen_tokenizer`` refer to; upstream's ``CosyVoice2``/``CosyVoice3`` (and
+    cosytrain's reader) override it with ``<model dir>/CosyVoice-BlankEN``. The mel settings of
+    ``feat_extractor`` are the run's data module's (the prompt mel must match the training mel).
+    """
+    from cosytrain.models.upstream_yaml import Apply, Name, Ref
+
+    llm = parts["llm"]
+    encoder = llm.kwargs.get("llm")
+    if getattr(encoder, "target", None) != "cosyvoice.llm.llm.Qwen2Encoder":
+        raise ExportError("run config: the llm has no Qwen2Encoder 'llm' argument; a CosyVoice 2/3 llm needs one")
+    encoder.kwargs["pretrain_path"] = Ref("<qwen_pretrain_path>")
+    flow = parts["flow"]
+    hift_rate = parts["hift"].kwargs.get("sampling_rate", 24000)
+    sample_rate = hift_rate if isinstance(hift_rate, int) else 24000
+    ratio = flow.kwargs.get("token_mel_ratio", 2)
+
+    def data(key: str, default: Any) -> Any:
+        value = data_args.get(key, default)
+        return value if value is None or isinstance(value, (int, float, bool)) else default
+
+    tokenizer_kwargs: dict[str, Any] = {"token_path": Ref("<qwen_pretrain_path>"), "skip_special_tokens": True}
+    if generation == "v3":
+        tokenizer_kwargs["version"] = "cosyvoice3"
+    return {
+        "__set_seed1": Apply("random.seed", [1986]),
+        "__set_seed2": Apply("numpy.random.seed", [1986]),
+        "__set_seed3": Apply("torch.manual_seed", [1986]),
+        "__set_seed4": Apply("torch.cuda.manual_seed_all", [1986]),
+        "sample_rate": sample_rate,
+        "llm_input_size": llm.kwargs.get("llm_input_size"),
+        "llm_output_size": llm.kwargs.get("llm_output_size"),
+        "spk_embed_dim": flow.kwargs.get("spk_embed_dim", 192),
+        "qwen_pretrain_path": "",
+        "token_frame_rate": flow.kwargs.get("input_frame_rate", 25),
+        "token_mel_ratio": ratio,
+        "llm": llm,
+        "flow": flow,
+        "hift": parts["hift"],
+        "get_tokenizer": Name("cosyvoice.tokenizer.tokenizer.get_qwen_tokenizer", [], tokenizer_kwargs),
+        "allowed_special": "all",
+        "feat_extractor": Name("matcha.utils.audio.mel_spectrogram", [], {
+            "n_fft": data("n_fft", 1920), "num_mels": data("num_mels", 80), "sampling_rate": sample_rate,
+            "hop_size": data("hop_size", 480), "win_size": data("win_size", 1920), "fmin": data("fmin", 0),
+            "fmax": data("fmax", 8000 if generation == "v2" else None), "center": data("center", False)}),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Files beside the weights: Qwen folder, built-in front ends, speakers
+# --------------------------------------------------------------------------------------------------
+
+
+def _run_config_paths(infos: Sequence[CheckpointInfo], run_configs: Sequence[Path]) -> list[Path]:
+    """Every run config that belongs to the export: given ones first, then those beside the checkpoints."""
+    found = [p for p in run_configs if p.is_file()]
+    for info in infos:
+        discovered = _find_run_config(info.path)
+        if discovered is not None and discovered.resolve() not in {p.resolve() for p in found}:
+            found.append(discovered)
+    return found
+
+
+def _data_args(config_path: Path) -> Mapping[str, Any]:
+    """``data.init_args`` of a run config; {} when the file is not a readable LightningCLI config."""
+    try:
+        return _init_args(_read_run_config(config_path).get("data"))
+    except ExportError:
+        return {}
+
+
+def _data_folders(config_paths: Sequence[Path]) -> list[Path]:
+    """Folders of the runs' ``data.list`` files (train first), where ``prepare`` leaves its side files."""
+    folders: list[Path] = []
+    for config_path in config_paths:
+        args = dict(_data_args(config_path))
+        if not args.get("train_data") and "token_rate" in args:  # DemoDataModule: the demo cache's shards
+            from cosytrain.data.demo_corpus import demo_shard_dir
+
+            args["train_data"] = str(demo_shard_dir(args.get("root"), args["token_rate"]) / "data.list")
+        for key in ("train_data", "val_data"):
+            value = args.get(key)
+            if isinstance(value, str) and value:
+                folder = Path(value).parent
+                if folder.is_dir() and folder.resolve() not in {f.resolve() for f in folders}:
+                    folders.append(folder)
+    return folders
+
+
+def speaker_info_from_shards(spk2embedding_path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
+    """``spk2embedding.pt`` (speaker -> mean utterance embedding, as ``prepare`` writes it) in upstream's
+    ``spk2info.pt`` layout: ``{speaker: {'embedding': float32 tensor (1, dim)}}``."""
+    path = Path(spk2embedding_path)
+    try:
+        table = load_weights_file(path)
+    except ModelDirError as exc:
+        raise ExportError(str(exc)) from None
+    if not isinstance(table, Mapping) or not table:
+        raise ExportError(f"{path}: expected {{speaker: embedding}}")
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for spk, emb in table.items():
+        vector = torch.as_tensor(emb, dtype=torch.float32).reshape(1, -1)
+        if vector.shape[1] == 0 or not bool(torch.isfinite(vector).all()):
+            raise ExportError(f"{path}: speaker {spk!r} has an empty or non-finite embedding")
+        out[str(spk)] = {"embedding": vector}
+    return out
+
+
+def _qwen_folder(llm_tree: Any, run_source: str) -> Path:
+    """The Qwen2 folder the run's llm was built from (``Qwen2Encoder.pretrain_path``)."""
+    encoder = llm_tree.kwargs.get("llm") if hasattr(llm_tree, "kwargs") else None
+    raw = encoder.kwargs.get("pretrain_path") if hasattr(encoder, "kwargs") else None
+    if not isinstance(raw, str) or not raw:
+        raise ExportError(f"{run_source}: the llm's Qwen2Encoder has no pretrain_path; cannot copy {QWEN_DIR}")
+    path = Path(raw)
+    candidates = [path] if path.is_absolute() else [Path.cwd() / path]
+    if not path.is_absolute() and run_source.endswith(".yaml"):
+        candidates.append(Path(run_source).parent / path)
+    for candidate in candidates:
+        if (candidate / "config.json").is_file():
+            return candidate
+    raise ExportError(f"{run_source}: the llm's Qwen folder {raw} (pretrain_path) has no config.json here; run the"
+                      f" export from the training's working directory or pass --base DIR with a {QWEN_DIR} folder")
+
+
+def _copy_qwen_folder(source: Path, tokenizer_path: str | None, target: Path) -> list[str]:
+    """Copy the Qwen config/tokenizer/weights folder; tokenizer files from a separate tokenizer folder too."""
+    shutil.copytree(source, target)
+    copied = sorted(str(p.relative_to(target)) for p in target.rglob("*") if p.is_file())
+    if tokenizer_path:
+        extra = Path(tokenizer_path)
+        if extra.is_dir() and extra.resolve() != source.resolve():
+            for file in sorted(extra.iterdir()):
+                if file.is_file() and file.name.startswith(("tokenizer", "vocab", "merges", "special_tokens",
+                                                            "added_tokens")) and not (target / file.name).exists():
+                    shutil.copyfile(file, target / file.name)
+                    copied.append(file.name)
+    return copied
