@@ -211,13 +211,10 @@ def test_cli_on_a_model_directory(tmp_path: Path, capsys) -> None:
     assert C.main(["--model_dir", str(tmp_path / "missing")]) == 2
 
 
-def test_cli_reads_utterances_through_the_data_pipeline(tmp_path: Path, capsys) -> None:
-    from cosytrain.data.demo_corpus import default_root
+def test_cli_reads_utterances_through_the_data_pipeline(tmp_path: Path, capsys, demo_corpus) -> None:
     from tests.inference import _tiny_v1 as tiny
 
-    data_list = default_root() / "shards_50hz" / "data.list"
-    if not data_list.is_file():
-        pytest.skip(f"demo corpus not prepared ({data_list}); run `python -m cosytrain demo-corpus`")
+    data_list = demo_corpus[1]  # the full demo corpus, built once per session (tests/conftest.py)
     model_dir = tiny.make_model_dir(tmp_path / "model", front_end=False)
     (model_dir / "cosytrain.json").write_text(json.dumps({"run_text_tokenizer": "byte"}))
     # the demo's 256-token codebook does not fit the fixture flow's 64: named, not an IndexError

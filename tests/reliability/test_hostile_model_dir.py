@@ -61,8 +61,9 @@ def _readers() -> dict[str, Callable[[Path], object]]:
     from cosytrain.export import export_model
 
     def automodel(model_dir: Path) -> object:
-        auto = pytest.importorskip("cosytrain.inference.auto")
-        return auto.AutoModel(model_dir=model_dir)
+        from cosytrain.inference.auto import AutoModel
+
+        return AutoModel(model_dir=model_dir)
 
     return {
         "open_model_dir": open_model_dir,

@@ -133,7 +133,6 @@ def test_strategy_overlays_parse(capsys, cfg, overlay):
 
 @pytest.fixture(scope="module")
 def demo_list(tmp_path_factory):
-    pytest.importorskip("cosytrain.data.demo_corpus")
     from cosytrain.data.demo_corpus import build_demo_corpus
 
     return build_demo_corpus(tmp_path_factory.mktemp("demo"), num_utts=4)

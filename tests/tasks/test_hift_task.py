@@ -198,7 +198,6 @@ def test_gan_train_conf_split():
 
 
 def test_init_from_model_dir_and_upstream_hifigan_checkpoint(tmp_path):
-    pytest.importorskip("tests.inference._tiny_v1")
     from tests.inference import _tiny_v1 as tiny
 
     model_dir = tiny.make_model_dir(tmp_path / "model", front_end=False)
@@ -261,7 +260,6 @@ def test_flow_mel_path_plumbing(tmp_path):
 
 
 def test_flow_dir_loads_a_frozen_flow_from_a_model_directory(tmp_path):
-    pytest.importorskip("tests.inference._tiny_v1")
     from tests.inference import _tiny_v1 as tiny
 
     model_dir = tiny.make_model_dir(tmp_path / "model", front_end=False)
