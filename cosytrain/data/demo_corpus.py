@@ -242,7 +242,9 @@ def ensure_demo_corpus(root: str | Path | None = None, token_rate: int = 50, num
         stamp = json.loads(stamp_path.read_text())
         if stamp.get("version") == DEMO_VERSION and stamp.get("num_utts") == len(plan(num_utts)):
             return data_list
-    return build_demo_corpus(root, num_utts=num_utts, token_rate=token_rate)
+    print(f"cosytrain: preparing the demo corpus ({len(plan(num_utts))} utterances, espeak-ng, {token_rate} Hz tokens)"
+          f" in {root}; first run only, about half a minute", file=sys.stderr, flush=True)
+    return build_demo_corpus(root, num_utts=num_utts, token_rate=token_rate, progress=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
