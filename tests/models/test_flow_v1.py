@@ -187,8 +187,10 @@ def test_cfm_reuses_flow_cache(model):
 # training loss with replayed randomness
 # ---------------------------------------------------------------------------------------------
 
-def test_train_loss(model, fx):
-    inp, ref = fx["inputs"]["train_loss"], fx["outputs"]["train_loss"]
+def check_train_loss(model, fx: dict, case: str) -> None:
+    """Replay a fixture's training call (python/numpy/torch seeds as upstream set them) and compare the
+    captured loss inputs, the estimator call and the loss; every recorded python draw is consumed."""
+    inp, ref = fx["inputs"][case], fx["outputs"][case]
     captured: dict = {}
     compute_loss = model.decoder.compute_loss
 
@@ -209,10 +211,19 @@ def test_train_loss(model, fx):
         torch.manual_seed(seed)
         with torch.no_grad():
             loss = model(inp["batch"], torch.device("cpu"))["loss"]
+        # every recorded python draw was consumed, no more: the next draw is the one after them
+        after = random.random()
     finally:
         handle.remove()
         del model.decoder.compute_loss
         model.eval()
+    random.seed(seed)
+    for draw in ref["python_random_draws"]:
+        if draw[0] == "random":
+            assert random.random() == draw[1]
+        else:
+            assert random.randint(draw[1], draw[2]) == draw[3]
+    assert random.random() == after
     for name in ("mask", "mu", "spks", "cond"):
         close(captured[name], ref[f"compute_loss.{name}"])
     close(captured["y"], ref["estimator.y"])
@@ -220,6 +231,10 @@ def test_train_loss(model, fx):
     assert captured["streaming"] == ref["estimator.streaming"]
     close(captured["out"], ref["estimator.out"])
     assert abs(loss.item() - ref["loss"].item()) <= 1e-5 * abs(ref["loss"].item())
+
+
+def test_train_loss(model, fx):
+    check_train_loss(model, fx, "train_loss")
 
 
 def test_fp16_autocast_train_loss_and_grads(fx):

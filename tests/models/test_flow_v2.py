@@ -19,6 +19,7 @@ from cosytrain.models.flow.pre_lookahead import PreLookaheadLayer
 from cosytrain.models.registry import build_from_fixture_config
 from cosytrain.models.transformer.upsample_encoder import UpsampleConformerEncoder
 from tests.conftest import load_fixture
+from tests.models.test_flow_v1 import check_train_loss, close, inference_args
 
 CFM_PARAMS = {"sigma_min": 1e-06, "solver": "euler", "t_scheduler": "cosine", "training_cfg_rate": 0.2,
               "inference_cfg_rate": 0.7, "reg_loss_type": "l1"}
@@ -31,12 +32,6 @@ def build_loaded(fx: dict) -> Any:
     return m.eval()
 
 
-def close(actual: torch.Tensor, expected: torch.Tensor, atol: float = 1e-4, rtol: float = 1e-4) -> None:
-    torch.testing.assert_close(actual.float(), expected.float(), atol=atol, rtol=rtol)
-
-
-def inference_args(inputs: dict) -> dict:
-    return {k: v for k, v in inputs.items() if k != "torch_seed"}
 
 
 _RESULTS: dict = {}
@@ -88,50 +83,6 @@ def check_chunk_is_prefix_of_finalize(model, fx: dict, atol: float) -> None:
     full, _ = run_inference(model, fx["inputs"]["inference_stream_finalize"])
     assert chunk.shape[2] == full.shape[2] - model.token_mel_ratio * model.pre_lookahead_len
     close(chunk, full[:, :, :chunk.shape[2]], atol=atol, rtol=0)
-
-
-def check_train_loss(model, fx: dict, case: str) -> None:
-    inp, ref = fx["inputs"][case], fx["outputs"][case]
-    captured: dict = {}
-    compute_loss = model.decoder.compute_loss
-
-    def spy(x1, mask, mu, spks=None, cond=None, streaming=False):
-        captured.update(mask=mask.clone(), mu=mu.clone(), spks=spks.clone(), cond=cond.clone())
-        return compute_loss(x1, mask, mu, spks, cond, streaming)
-
-    def estimator_hook(module, args, kwargs, out):
-        captured.update(y=args[0].clone(), t=args[3].clone(), streaming=kwargs.get("streaming"), out=out.clone())
-
-    seed = inp["seed"]
-    model.decoder.compute_loss = spy
-    handle = model.decoder.estimator.register_forward_hook(estimator_hook, with_kwargs=True)
-    try:
-        model.train()
-        random.seed(seed)
-        np.random.seed(seed)
-        torch.manual_seed(seed)
-        with torch.no_grad():
-            loss = model(inp["batch"], torch.device("cpu"))["loss"]
-        # every recorded python draw was consumed, no more: the next draw is the one after them
-        after = random.random()
-    finally:
-        handle.remove()
-        del model.decoder.compute_loss
-        model.eval()
-    random.seed(seed)
-    for draw in ref["python_random_draws"]:
-        if draw[0] == "random":
-            assert random.random() == draw[1]
-        else:
-            assert random.randint(draw[1], draw[2]) == draw[3]
-    assert random.random() == after
-    for name in ("mask", "mu", "spks", "cond"):
-        close(captured[name], ref[f"compute_loss.{name}"])
-    close(captured["y"], ref["estimator.y"])
-    close(captured["t"], ref["estimator.t"])
-    assert captured["streaming"] == ref["estimator.streaming"]
-    close(captured["out"], ref["estimator.out"])
-    assert abs(loss.item() - ref["loss"].item()) <= 1e-5 * abs(ref["loss"].item())
 
 
 def check_fp16_estimator(model, fx: dict, max_err: float, rms_err: float) -> None:
