@@ -68,14 +68,7 @@ def smoke_test(llm: torch.nn.Module, flow: torch.nn.Module, hift: torch.nn.Modul
             raise ExportError(f"check: tokens -> mel -> wav failed ({first[:200]}); do the parts fit together?") from None
     wav = result[0]["tts_speech"]
     frames = int(len(tokens) / flow.input_frame_rate * model.sample_rate / model.mel_hop)
-    if not bool(torch.isfinite(wav).all()):
-        raise ExportError(f"check: the synthesised waveform has {int((~torch.isfinite(wav)).sum())} non-finite"
-                          " samples; the flow or hift weights are broken")
-    if wav.shape[-1] != frames * model.mel_hop:
-        raise ExportError(f"check: expected {frames * model.mel_hop} samples, got {wav.shape[-1]}")
-    return {"text": CHECK_TEXT, "text_tokens": len(ids), "speech_tokens": len(tokens), "mel_frames": frames,
-            "samples": int(wav.shape[-1]), "sample_rate": model.sample_rate, "llm_loss": round(loss, 6),
-            "peak": round(float(wav.abs().max()), 6), "finite": True}
+    return _checked_waveform(wav, frames, model, len(ids), len(tokens), loss)
 
 
 def smoke_test_v23(llm: torch.nn.Module, flow: torch.nn.Module, hift: torch.nn.Module, generation: str,
@@ -131,11 +124,17 @@ def smoke_test_v23(llm: torch.nn.Module, flow: torch.nn.Module, hift: torch.nn.M
         random.setstate(py_state)
     wav = result[0]["tts_speech"]
     frames = len(tokens) * model.token_mel_ratio
+    return _checked_waveform(wav, frames, model, len(ids), len(tokens), loss)
+
+
+def _checked_waveform(wav: torch.Tensor, frames: int, model: Any, text_tokens: int, speech_tokens: int,
+                      loss: float) -> dict[str, Any]:
+    """The synthesised waveform must be finite and exactly ``frames`` mel frames long; the check's record."""
     if not bool(torch.isfinite(wav).all()):
         raise ExportError(f"check: the synthesised waveform has {int((~torch.isfinite(wav)).sum())} non-finite"
                           " samples; the flow or hift weights are broken")
     if wav.shape[-1] != frames * model.mel_hop:
         raise ExportError(f"check: expected {frames * model.mel_hop} samples, got {wav.shape[-1]}")
-    return {"text": CHECK_TEXT, "text_tokens": len(ids), "speech_tokens": len(tokens), "mel_frames": frames,
+    return {"text": CHECK_TEXT, "text_tokens": text_tokens, "speech_tokens": speech_tokens, "mel_frames": frames,
             "samples": int(wav.shape[-1]), "sample_rate": model.sample_rate, "llm_loss": round(loss, 6),
             "peak": round(float(wav.abs().max()), 6), "finite": True}

@@ -192,17 +192,22 @@ def _part_configs_from_run(info: CheckpointInfo, run_configs: Sequence[Path]) ->
                       f" {info.path.name}); pass --run-config with that run's config.yaml, or --base DIR")
 
 
+def _seed_lines() -> dict[str, Any]:
+    """Upstream configs open with these seed setters; cosytrain's reader ignores them, upstream runs them."""
+    from cosytrain.models.upstream_yaml import Apply
+
+    return {f"__set_seed{i}": Apply(fn, [1986]) for i, fn in enumerate(
+        ("random.seed", "numpy.random.seed", "torch.manual_seed", "torch.cuda.manual_seed_all"), start=1)}
+
+
 def _v1_config_tree(parts: Mapping[str, Any]) -> dict[str, Any]:
     """A complete upstream ``cosyvoice.yaml`` around the three part trees (front-end keys: upstream v1's)."""
-    from cosytrain.models.upstream_yaml import Apply, Name
+    from cosytrain.models.upstream_yaml import Name
 
     hift_rate = parts["hift"].kwargs.get("sampling_rate", 22050)
     sample_rate = hift_rate if isinstance(hift_rate, int) else 22050
     return {
-        "__set_seed1": Apply("random.seed", [1986]),
-        "__set_seed2": Apply("numpy.random.seed", [1986]),
-        "__set_seed3": Apply("torch.manual_seed", [1986]),
-        "__set_seed4": Apply("torch.cuda.manual_seed_all", [1986]),
+        **_seed_lines(),
         "sample_rate": sample_rate,
         "llm": parts["llm"],
         "flow": parts["flow"],
@@ -236,7 +241,7 @@ def _v23_config_tree(parts: Mapping[str, Any], generation: str, data_args: Mappi
     cosytrain's reader) override it with ``<model dir>/CosyVoice-BlankEN``. The mel settings of
     ``feat_extractor`` are the run's data module's (the prompt mel must match the training mel).
     """
-    from cosytrain.models.upstream_yaml import Apply, Name, Ref
+    from cosytrain.models.upstream_yaml import Name, Ref
 
     llm = parts["llm"]
     encoder = llm.kwargs.get("llm")
@@ -256,10 +261,7 @@ def _v23_config_tree(parts: Mapping[str, Any], generation: str, data_args: Mappi
     if generation == "v3":
         tokenizer_kwargs["version"] = "cosyvoice3"
     return {
-        "__set_seed1": Apply("random.seed", [1986]),
-        "__set_seed2": Apply("numpy.random.seed", [1986]),
-        "__set_seed3": Apply("torch.manual_seed", [1986]),
-        "__set_seed4": Apply("torch.cuda.manual_seed_all", [1986]),
+        **_seed_lines(),
         "sample_rate": sample_rate,
         "llm_input_size": llm.kwargs.get("llm_input_size"),
         "llm_output_size": llm.kwargs.get("llm_output_size"),
