@@ -63,6 +63,18 @@ def close(actual, expected, atol=1e-4, rtol=1e-4):
     torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
 
 
+def close_to_scale(actual, expected, rel=2e-6):
+    """Equal up to float32 rounding of the tensor's largest value.
+
+    F0 in Hz (values up to a few hundred) comes out of several convolutions whose summation order
+    depends on the CPU's SIMD width: the fixture (AMD EPYC) and an Intel Xeon differ by ~2e-4 Hz on a
+    261 Hz tensor, i.e. ~1e-6 of its scale (the reference README's "1e-6 level"), while a fixed
+    1e-4 absolute bound only holds on the machine that made the fixture.
+    """
+    scale = float(expected.abs().max())
+    torch.testing.assert_close(actual, expected, atol=max(1e-4, rel * scale), rtol=1e-4)
+
+
 # ------------------------------------------------------------------------------------------ v1 / v2
 
 
@@ -248,7 +260,7 @@ def test_v3_matches_upstream():
     model.load_state_dict(fx["state_dict"], strict=True)  # the noise tables are not state
     model.eval()
     with torch.no_grad():
-        close(model.f0_predictor(inputs["f0"]["mel"]), outputs["f0"]["f0"])
+        close_to_scale(model.f0_predictor(inputs["f0"]["mel"]), outputs["f0"]["f0"])
         f0 = model.predict_f0_float64(inputs["f0_fp64_chunk"]["mel"], finalize=False)
         assert f0.dtype == torch.float64
         close(f0, outputs["f0_fp64_chunk"]["f0"])
