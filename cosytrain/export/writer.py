@@ -46,8 +46,14 @@ import torch
 
 from cosytrain import __version__
 from cosytrain.evaluation.fp16_figures import MODEL_CARD_KEY, model_card_section
-from cosytrain.export.checkpoints import CheckpointInfo, _average_group, _group, _sha256, checkpoint_infos, \
-    select_checkpoints
+from cosytrain.export.checkpoints import (
+    CheckpointInfo,
+    _average_group,
+    _group,
+    _sha256,
+    checkpoint_infos,
+    select_checkpoints,
+)
 from cosytrain.export.checks import smoke_test, smoke_test_v23
 from cosytrain.export.errors import ExportError
 from cosytrain.export.run_config import (
