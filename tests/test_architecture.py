@@ -52,11 +52,13 @@ def read_rooms(doc: str) -> dict[str, Room]:
 
 
 def room_of(module: str, rooms: dict[str, Room]) -> str | None:
-    """The room whose module prefix is the longest match for ``module``."""
+    """The room whose module prefix is the longest match for ``module`` (the top-level package
+    ``cosytrain`` itself matches only its ``__init__``, so a new top-level module must be placed)."""
     best, length = None, -1
     for room in rooms.values():
         for prefix in room.modules:
-            if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > length:
+            inside = "." in prefix and module.startswith(prefix + ".")
+            if (module == prefix or inside) and len(prefix) > length:
                 best, length = room.name, len(prefix)
     return best
 
@@ -288,6 +290,11 @@ def test_checker_names_an_upward_import_and_a_cycle(tmp_path: Path) -> None:
     assert cycles[0].startswith("import cycle cosytrain.tasks.loop -> cosytrain.tasks.train -> cosytrain.tasks.loop")
     assert "cosytrain/tasks/train.py:1 cosytrain.tasks.train -> cosytrain.tasks.loop (`from .loop import run`)" in cycles[0]
     assert "cosytrain/tasks/loop.py:1 cosytrain.tasks.loop -> cosytrain.tasks.train (`import cosytrain.tasks.train`)" in cycles[0]
+
+
+def test_a_module_outside_the_table_has_no_room() -> None:
+    assert room_of("cosytrain.newroom.thing", ROOMS) is None and room_of("cosytrain.stray", ROOMS) is None
+    assert room_of("cosytrain", ROOMS) == "base" and room_of("cosytrain.modeldir.weights", ROOMS) == "modeldir"
 
 
 def test_a_submodule_importing_its_own_package_init_is_a_cycle(tmp_path: Path) -> None:
