@@ -42,7 +42,6 @@ import torch
 from cosytrain.evaluation.fp16_figures import figures_from_checkpoint
 from cosytrain.export.errors import ExportError
 from cosytrain.export.part_split import split_parts
-from cosytrain.export.zero_to_state_dict import consolidate
 from cosytrain.modeldir import PARTS, ModelDirError, load_weights_file
 
 __all__ = [
@@ -63,6 +62,10 @@ def _is_deepspeed_dir(path: Path) -> bool:
 
 
 def _load_deepspeed(path: Path) -> dict[str, Any]:
+    # imported here, not at the top: ``python -m cosytrain.export.zero_to_state_dict`` must not find
+    # its own module already imported by this package's ``__init__``
+    from cosytrain.export.zero_to_state_dict import consolidate
+
     with tempfile.TemporaryDirectory(prefix="cosytrain-zero-") as tmp:
         out = consolidate(path, Path(tmp) / "fp32.ckpt")
         return _load_checkpoint_file(out, str(path))
