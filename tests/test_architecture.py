@@ -236,6 +236,21 @@ def test_models_import_no_lightning() -> None:
     assert not problems, "models/ must stay pure PyTorch: " + "; ".join(problems)
 
 
+MAX_LINES = 450
+REASON = "Why one module over 450 lines:"
+
+
+def test_long_modules_say_why() -> None:
+    """Small modules with one job; a module over 450 lines says at the top why it stays whole."""
+    long = []
+    for name, file in MODULES.items():
+        text = file.read_text(encoding="utf-8")
+        lines = text.count("\n")
+        if lines > MAX_LINES and REASON not in (ast.get_docstring(ast.parse(text)) or ""):
+            long.append(f"{file.relative_to(REPO_ROOT)} ({lines} lines)")
+    assert not long, f"split these modules or start a paragraph of their docstring with {REASON!r}: {long}"
+
+
 def _lazy_targets() -> list[tuple[str, str, str]]:
     """(room of the holder, what holds it, "module:attr") for the lazy import strings."""
     from cosytrain import cli
