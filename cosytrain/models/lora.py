@@ -20,7 +20,7 @@ from typing import Any, Mapping, Optional, Union
 
 from torch import nn
 
-__all__ = ["LoRASpec", "attach_lora", "merge_lora", "default_target_modules", "has_adapters", "unfreeze"]
+__all__ = ["LoRASpec", "attach_lora", "merge_lora", "default_target_modules", "has_adapters"]
 
 # peft matches a list entry against the end of a module name; a string is a full-match regex
 _QWEN_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -39,8 +39,9 @@ class LoRASpec:
         dropout: dropout on the adapter's input (peft's ``lora_dropout``).
         target_modules: module-name suffixes (a list) or one full-match regex (a string); None picks the
             part's default (:func:`default_target_modules`).
-        train: parameter-name prefixes inside the part that train in full beside the adapters
-            (``llm_decoder``, ``speech_embedding``); everything else of the part stays frozen.
+        train: modules of the part (names or name suffixes, e.g. ``llm_decoder``, ``speech_embedding``)
+            that train in full beside the adapters: peft's ``modules_to_save``, so they are saved with the
+            adapter and switched off with it; everything else of the part stays frozen.
         use_rslora: rank-stabilised scaling (``alpha / sqrt(r)``).
     """
 
@@ -76,7 +77,8 @@ class LoRASpec:
 
         targets = self.target_modules if self.target_modules is not None else default_target_modules(part)
         return LoraConfig(r=int(self.r), lora_alpha=self.alpha, lora_dropout=float(self.dropout),
-                          target_modules=targets, bias="none", use_rslora=bool(self.use_rslora))
+                          target_modules=targets, bias="none", use_rslora=bool(self.use_rslora),
+                          modules_to_save=list(self.train) or None)
 
 
 def default_target_modules(part: nn.Module) -> Union[list[str], str]:
@@ -102,36 +104,21 @@ def attach_lora(part: nn.Module, spec: LoRASpec, what: str = "lora") -> Any:
 
     Returns peft's ``PeftModel`` around the part (for ``disable_adapter()``, ``merge_and_unload()`` and
     ``save_pretrained()``); the part itself is what trains. Everything of the part is frozen except the
-    adapters and the ``spec.train`` prefixes.
+    adapters and the ``spec.train`` modules.
     """
     from peft import get_peft_model
 
     if has_adapters(part):
         raise ValueError(f"{what}: the part already carries LoRA adapters; attach once, after the base weights load")
+    names = [n for n, _ in part.named_modules() if n]
+    for module in spec.train:  # peft ignores a modules_to_save entry that matches nothing
+        if not any(n == module or n.endswith("." + module) for n in names):
+            raise ValueError(f"{what}.train: {module!r} names no module of the part; modules look like {names[:3]}")
     config = spec.peft_config(part)
     try:
-        peft_model = get_peft_model(part, config)
+        return get_peft_model(part, config)
     except ValueError as exc:  # peft: "Target modules {...} not found in the base model"
         raise ValueError(f"{what}: {' '.join(str(exc).split())[:300]}; check target_modules") from None
-    unfreeze(part, spec.train, what)
-    return peft_model
-
-
-def unfreeze(part: nn.Module, prefixes: list[str], what: str = "lora") -> list[str]:
-    """Make the parameters under ``prefixes`` (names inside the part) trainable again; returns their names."""
-    names = [n for n, _ in part.named_parameters()]
-    hits: list[str] = []
-    for prefix in prefixes:
-        stem = prefix.rstrip(".")
-        found = [n for n in names if n == stem or n.startswith(stem + ".")]
-        if not found:
-            raise ValueError(f"{what}.train: prefix {prefix!r} matches no parameter of the part;"
-                             f" names look like {names[:3]}")
-        hits += found
-    params = dict(part.named_parameters())
-    for name in hits:
-        params[name].requires_grad_(True)
-    return sorted(set(hits))
 
 
 def merge_lora(peft_model: Any) -> nn.Module:

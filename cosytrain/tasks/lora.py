@@ -3,8 +3,8 @@
 A task built with ``lora: {llm: {r: 16, alpha: 32, ...}}`` (see :class:`cosytrain.models.lora.LoRASpec`)
 loads its base weights from ``init_from`` FIRST and attaches peft's adapters right after
 (:func:`cosytrain.models.lora.attach_lora`), so step 0 computes exactly what the base computes. The
-base is read on every start, resume included: a LoRA checkpoint holds the adapters, the parameters
-the recipe unfroze (``train``), the buffers and the training state, and not the frozen base weights
+base is read on every start, resume included: a LoRA checkpoint holds the adapters, the modules
+the recipe trains in full (``train``), the buffers and the training state, and not the frozen base weights
 (megabytes instead of gigabytes). Without the base the adapters mean nothing, so a missing base is a
 one-line error, and a base whose file changed since the adapters were trained (its sha256 is kept in
 the checkpoint) is refused.
@@ -17,7 +17,6 @@ before Lightning loads, after checking every trainable key is there and the base
 
 from __future__ import annotations
 
-import hashlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
@@ -25,20 +24,13 @@ from typing import Any, Iterator, Mapping, Optional
 from torch import nn
 
 from cosytrain.models.lora import LoRASpec, attach_lora
+from cosytrain.utils.hashing import file_sha256
 
 __all__ = ["Adapters", "CHECKPOINT_KEY"]
 
 # checkpoint["cosytrain"][CHECKPOINT_KEY] = {part: {"config": spec, "base_sha256": ..., "init_from": ...}}
 CHECKPOINT_KEY = "lora"
 _STATE_KEYS = ("state_dict", "current_model_state")  # the EMA callback keeps the raw weights in the latter
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class Adapters:
@@ -134,9 +126,7 @@ class Adapters:
     # ------------------------------------------------------------------ the base alone
     @contextmanager
     def disabled(self, part: str) -> Iterator[None]:
-        """The part computes as its base (peft's ``disable_adapter()``): DPO's reference model, no copy."""
-        if self.specs[part].train:
-            raise ValueError(f"lora.{part}.train unfreezes {self.specs[part].train} in full: with the adapters off those"
-                             " parameters keep their trained values, so the part is no longer its base")
+        """The part computes as its base (peft's ``disable_adapter()``, which also switches the ``train``
+        modules back to their originals): DPO's reference model, without a second copy."""
         with self.peft[part].disable_adapter():
             yield

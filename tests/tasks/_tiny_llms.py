@@ -58,16 +58,17 @@ def base_llm(gen: str, base_dir: Path) -> nn.Module:
     return module.eval()
 
 
-def llm_batches(n: int, gen: str, batch_size: int = 3, seed: int = 0, reject: bool = False) -> list[dict[str, Any]]:
+def llm_batches(n: int, gen: str, batch_size: int = 3, seed: int = 0, reject: bool = False, text_vocab: int = 257,
+                speech_vocab: int | None = None) -> list[dict[str, Any]]:
     """Padded batches with varied lengths (and ``reject_speech_token`` for DPO when asked)."""
     g = torch.Generator().manual_seed(seed)
-    vocab = SPEECH_VOCAB[gen]
+    vocab = speech_vocab or SPEECH_VOCAB[gen]
     out = []
     for _ in range(n):
         t_lens = torch.randint(3, 9, (batch_size,), generator=g)
         s_lens = torch.randint(4, 14, (batch_size,), generator=g)
         batch = {
-            "text_token": torch.randint(1, 257, (batch_size, int(t_lens.max())), generator=g),
+            "text_token": torch.randint(1, text_vocab, (batch_size, int(t_lens.max())), generator=g),
             "text_token_len": t_lens.int(),
             "speech_token": torch.randint(0, vocab, (batch_size, int(s_lens.max())), generator=g),
             "speech_token_len": s_lens.int(),
@@ -84,12 +85,12 @@ def llm_batches(n: int, gen: str, batch_size: int = 3, seed: int = 0, reject: bo
 class LLMBatches(pl.LightningDataModule):
     """Fixed pre-made batches: one epoch = ``num_batches`` steps; two validation batches."""
 
-    def __init__(self, gen: str, num_batches: int = 4, reject: bool = False) -> None:
+    def __init__(self, gen: str, num_batches: int = 4, reject: bool = False, **vocab: int) -> None:
         super().__init__()
-        self.gen, self.num_batches, self.reject = gen, num_batches, reject
+        self.gen, self.num_batches, self.reject, self.vocab = gen, num_batches, reject, vocab
 
     def _loader(self, n: int, seed: int) -> torch.utils.data.DataLoader:
-        data = _ListDataset(llm_batches(n, self.gen, seed=seed, reject=self.reject))
+        data = _ListDataset(llm_batches(n, self.gen, seed=seed, reject=self.reject, **self.vocab))
         return torch.utils.data.DataLoader(data, batch_size=None, shuffle=False)
 
     def train_dataloader(self) -> torch.utils.data.DataLoader:
