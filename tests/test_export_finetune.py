@@ -116,3 +116,27 @@ def test_ema_export_differs_from_raw_as_recorded(tmp_path: Path) -> None:
                                                                          LLMBatches("v1", 1, **VOCAB))
     with pytest.raises(ExportError, match=r"holds no EMA weights .*--weights raw"):
         export_model([plain / "checkpoints" / "last.ckpt"], tmp_path / "none", base=base, weights="ema")
+
+
+def test_averaged_lora_checkpoints_are_the_mean_of_the_merged_models(tmp_path: Path) -> None:
+    from cosytrain.tasks.callbacks import StepCheckpoint
+
+    base = tiny.make_model_dir(tmp_path / "base")
+    task = LLMTask(llm=tiny.build("llm"), init_from=str(base), train_conf=TRAIN_CONF, lora=LORA)
+    folder = tmp_path / "run" / "checkpoints"
+    build_trainer(max_steps=2, default_root_dir=str(tmp_path / "run"), **QUIET,
+                  callbacks=[StepCheckpoint(dirpath=str(folder), every_n_train_steps=1, filename="{step}")]).fit(
+        task, LLMBatches("v1", 2, **VOCAB))
+    singles = []
+    for name in ("step=1.ckpt", "step=2.ckpt"):
+        export_model([folder / name], tmp_path / name, check=False)
+        singles.append(torch.load(tmp_path / name / "llm.pt", weights_only=True))
+    export_model([folder / "step=1.ckpt", folder / "step=2.ckpt"], tmp_path / "mean", check=False)
+    mean = torch.load(tmp_path / "mean" / "llm.pt", weights_only=True)
+    for key, value in mean.items():
+        torch.testing.assert_close(value, (singles[0][key].double() + singles[1][key].double()).div(2).float(),
+                                   rtol=0, atol=1e-7)
+    meta = json.loads((tmp_path / "mean" / "cosytrain.json").read_text())
+    assert meta["parts"]["llm"]["lora"]["adapter"].startswith("not written") and not (tmp_path / "mean" / "lora").exists()
+    with pytest.raises(ExportError, match="averaged adapters are not one adapter"):
+        export_model([folder / "step=1.ckpt", folder / "step=2.ckpt"], tmp_path / "only", adapter_only=True)
