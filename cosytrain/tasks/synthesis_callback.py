@@ -183,10 +183,27 @@ class SynthesisCallback(pl.Callback):
         if trainer.world_size > 1:
             figures = trainer.strategy.broadcast(figures, src=0)
         self._pool = {}
-        for name, value in sorted((figures or {}).items()):
+        # every expected name is logged, NaN when it could not be measured, so that a ModelCheckpoint or
+        # EarlyStopping monitoring it sees a (worst) value instead of a missing key, which stops training
+        figures = {**{name: math.nan for name in self.metric_names()}, **(figures or {})}
+        for name, value in sorted(figures.items()):
             # the same value on every rank: no reduction (sync_dist would average identical numbers)
             pl_module.log(name, float(value), on_step=False, on_epoch=True, batch_size=1, sync_dist=False,
                           rank_zero_only=False)
+
+    def metric_names(self) -> list[str]:
+        """The ``synth/<condition>/<figure>`` names this callback logs at every synthesis."""
+        from cosytrain.evaluation.speech_metrics import SPEECH_METRICS
+
+        figures = ["nonfinite", *SPEECH_METRICS]
+        if self.speaker_encoder_spec != "none":
+            figures.append("sim")
+        if self._asr is not None:
+            figures += ["wer", "cer"]
+        names = [f"synth/{c}/{f}" for c in self.conditions for f in figures]
+        if self._asr is not None:
+            names += ["synth/recording/wer", "synth/recording/cer"]
+        return names
 
     # ------------------------------------------------------------------ pieces
     def _recordings_for(self, trainer: pl.Trainer, utts: set[str]) -> None:
@@ -319,7 +336,7 @@ class SynthesisCallback(pl.Callback):
         means = average(per_utt)
         self.last_figures = means
         flat = {f"synth/{cond}/{name}": value for cond, row in means.items() for name, value in row.items()
-                if name != "count" and math.isfinite(value)}
+                if name != "count"}
         flat["synth/seconds"] = time.perf_counter() - start
         step = int(trainer.global_step)
         from cosytrain.evaluation.synthesis_report import log_media, write_report
