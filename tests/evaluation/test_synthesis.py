@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from cosytrain.evaluation import fp16_check as C
+from cosytrain.evaluation import fp16_batches as C
 from cosytrain.evaluation.synthesis import CONDITIONS, SynthesisItem, average, score, synthesize_items
 from tests.conftest import load_fixture
 from tests.evaluation.test_fp16_check import _built
