@@ -5,9 +5,12 @@ Front-end files
     ``CosyVoice-BlankEN`` folder) are copied from the base when present. The built-in stand-ins
     ``speech_tokenizer_builtin.npz`` / ``campplus_builtin.npz`` that ``prepare`` fitted beside the
     training shards' ``data.list`` (found through the runs' configs) are copied when the output has
-    none, and when there is no ``spk2info.pt`` yet one is written from the shards'
-    ``spk2embedding.pt``: ``{speaker: {'embedding': tensor (1, 192)}}``, each speaker's mean
-    utterance embedding, upstream's layout, so ``inference_sft`` knows the training speakers.
+    none. ``spk2info.pt`` holds the base's speakers (if any) plus the training speakers from the
+    shards' ``spk2embedding.pt``: ``{speaker: {'embedding': tensor (1, 192)}}``, each speaker's mean
+    utterance embedding, upstream's layout, so ``inference_sft`` knows the training speakers (a
+    training speaker replaces a base speaker of the same name). Without a base, v2/v3 exports write
+    the trained Qwen2 weights into ``CosyVoice-BlankEN/model.safetensors``: upstream's
+    ``Qwen2Encoder`` calls ``from_pretrained`` on that folder and needs weight files there.
     Exported jit/onnx/TensorRT files of the base are not copied: they hold the base's weights.
 
 Safety
@@ -57,8 +60,10 @@ from cosytrain.export.run_config import (
     _run_text_tokenizer,
     _v1_config_tree,
     _v23_config_tree,
+    merged_speaker_info,
     run_config_to_tree,
     speaker_info_from_shards,
+    write_qwen_weights,
 )
 from cosytrain.modeldir import (
     FRONT_END_FILES,
@@ -68,6 +73,7 @@ from cosytrain.modeldir import (
     ModelDirectory,
     check_part_state_dict,
     load_model_dir,
+    load_weights_file,
     open_model_dir,
 )
 
@@ -254,20 +260,30 @@ def export_model(
         elif qwen_source is not None:
             files = _copy_qwen_folder(qwen_source, tokenizer_path if isinstance(tokenizer_path, str) else None,
                                       tmp / QWEN_DIR)
+            files.append(write_qwen_weights(trained["llm"], tmp / QWEN_DIR))  # upstream's from_pretrained needs them
             copied.append(QWEN_DIR + "/")
-            metadata["qwen"] = {"from": str(qwen_source.resolve()), "files": files}
+            metadata["qwen"] = {"from": str(qwen_source.resolve()), "files": sorted(files),
+                                "weights": "the trained llm's Qwen2 (llm.pt holds the same values)"}
         # the stand-in front ends the training data was prepared with (the model knows only their tokens)
         for name in BUILTIN_FRONT_END_FILES:
             source = next((f / name for f in data_folders if (f / name).is_file()), None)
             if source is not None and not (tmp / name).exists():
                 shutil.copyfile(source, tmp / name)
                 copied.append(name)
-        if not (tmp / SPK2INFO_FILE).exists():
-            table = next((f / "spk2embedding.pt" for f in data_folders if (f / "spk2embedding.pt").is_file()), None)
-            if table is not None:
-                _save(speaker_info_from_shards(table), tmp / SPK2INFO_FILE)
+        # upstream's inference_sft speakers: the base's (if any) plus the training speakers
+        table = next((f / "spk2embedding.pt" for f in data_folders if (f / "spk2embedding.pt").is_file()), None)
+        if table is not None:
+            base_info = tmp / SPK2INFO_FILE
+            base_table = load_weights_file(base_info) if base_info.is_file() else None
+            trained_speakers = speaker_info_from_shards(table)
+            merged, replaced = merged_speaker_info(base_table, trained_speakers)
+            _save(merged, tmp / SPK2INFO_FILE)
+            if SPK2INFO_FILE not in copied:
                 copied.append(SPK2INFO_FILE)
-                metadata["spk2info"] = {"from": str(table.resolve())}
+            metadata["spk2info"] = {"from": str(table.resolve()), "speakers": len(merged),
+                                    "from_training": len(trained_speakers),
+                                    "from_base": len(merged) - len(trained_speakers),
+                                    "replaced_base_speakers": replaced}
         if check:
             try:
                 directory, parts = load_model_dir(tmp)
