@@ -46,6 +46,7 @@ from cosytrain.export.checkpoints import (
 )
 from cosytrain.export.checks import smoke_test, smoke_test_v23
 from cosytrain.export.errors import ExportError
+from cosytrain.export.upstream_front_end import upstream_front_end
 from cosytrain.export.run_config import (
     CONFIG_NAMES,
     QWEN_DIR,
@@ -295,6 +296,7 @@ def export_model(
                 metadata["check"] = smoke_test(parts["llm"], parts["flow"], parts["hift"])
         else:
             metadata["check"] = {"skipped": "--no-check"}
+        metadata["upstream_front_end"] = upstream_front_end(tmp, generation, tokenizer)
         (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
 
     from cosytrain.utils.atomic import atomic_directory

@@ -66,7 +66,7 @@ def tiny_exports(oracle: Oracle, tmp_path_factory: pytest.TempPathFactory, demo_
 def tiny_verdicts(oracle: Oracle, tiny_exports: dict[str, dict[str, Path]], prompt_wav: Path,
                   tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
     """``<gen>_<kind>`` -> upstream's verdict on that export, all from ONE oracle process."""
-    dirs = [{"name": f"{gen}_{kind}", "path": str(path), "tokens": TOKENS[gen], "auto": False}
+    dirs = [{"name": f"{gen}_{kind}", "path": str(path), "tokens": TOKENS[gen], "auto": True}
             for gen, kinds in tiny_exports.items() for kind, path in kinds.items() if not kind.startswith("_")]
     return oracle.run("check_model_dirs", {"dirs": dirs, "prompt_wav": str(prompt_wav),
                                            "out_dir": str(tmp_path_factory.mktemp("oracle_wavs"))})

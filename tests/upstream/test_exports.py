@@ -6,10 +6,13 @@ only the llm trained and with llm + flow averaged). Upstream must build each dir
 ``load_hyperpyyaml`` (``qwen_pretrain_path`` set as its cli does), recognise the generation with
 ``get_model_type``, load every part with ``load_state_dict(strict=True)`` and run its token2wav path
 (flow.inference then hift.inference) offline and streaming to finite audio of the right length.
+None of them ships upstream's ONNX front ends, so upstream's ``AutoModel`` must refuse them, and
+``cosytrain.json`` must say so (tests/upstream/test_official_size.py has the directories it opens).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -72,3 +75,14 @@ def test_best2_exports_hold_the_mean_of_the_two_best(gen: str, tiny_exports: dic
                 if value.is_floating_point():
                     mean = (states[0][f"{part}.{key}"].double() + states[1][f"{part}.{key}"].double()) / 2
                     torch.testing.assert_close(value, mean.to(value.dtype), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("gen", ["v1", "v2", "v3"])
+def test_cosytrain_json_says_whether_upstreams_auto_model_opens_it(gen: str, tiny_exports: dict[str, dict[str, Path]],
+                                                                    tiny_verdicts: dict[str, Any]) -> None:
+    for kind in KINDS:
+        section = json.loads((tiny_exports[gen][kind] / "cosytrain.json").read_text())["upstream_front_end"]
+        verdict = tiny_verdicts[f"{gen}_{kind}"]
+        assert section["auto_model"] is False and verdict["auto_error"] is not None, (kind, verdict["auto_error"])
+        assert "campplus.onnx" in section["missing"] and f"speech_tokenizer_{gen}.onnx" in section["missing"]
+        assert "--base" in section["note"] and section["text_tokenizer"].startswith("differs: ")
