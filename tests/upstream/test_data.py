@@ -17,6 +17,11 @@ import soundfile as sf
 from tests.conftest import reference_dir
 from tests.upstream._oracle import Oracle
 
+# the session fixtures train, export and run upstream before the first test: more than the suite's 900 s
+# default on a busy 2-core machine
+pytestmark = pytest.mark.timeout(1800)
+
+
 # upstream example config per token rate, and its filter's bounds (10 ms frames)
 CASES = {"v1_50hz": ("cosyvoice.yaml", (0, 40960)), "v2_25hz": ("cosyvoice2.yaml", (100, 6000))}
 

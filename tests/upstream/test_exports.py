@@ -23,6 +23,11 @@ from tests.upstream._oracle import verdict_ok
 from tests.upstream._tiny_runs import KINDS, SCORES
 from tests.upstream.conftest import TOKENS
 
+# the session fixtures train, export and run upstream before the first test: more than the suite's 900 s
+# default on a busy 2-core machine
+pytestmark = pytest.mark.timeout(1800)
+
+
 MODEL_TYPES = {"v1": "CosyVoiceModel", "v2": "CosyVoice2Model", "v3": "CosyVoice3Model"}
 
 

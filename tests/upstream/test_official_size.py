@@ -24,6 +24,11 @@ from tests.upstream._oracle import Oracle, verdict_ok
 from tests.upstream.conftest import TOKENS
 from tests.upstream.test_exports import MODEL_TYPES, expected_samples
 
+# the session fixtures train, export and run upstream before the first test: more than the suite's 900 s
+# default on a busy 2-core machine
+pytestmark = pytest.mark.timeout(3600)
+
+
 GENS = ["v1", "v2", "v3"]
 AUTO_CLASSES = {"v1": "CosyVoice", "v2": "CosyVoice2", "v3": "CosyVoice3"}
 

@@ -57,7 +57,14 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
 
 
 def read(request: dict[str, Any]) -> dict[str, Any]:
+    import matcha.utils.audio
     import torch
+
+    # Matcha quirk: mel_spectrogram caches its mel basis and Hann window in module-level dicts keyed by
+    # fmax and device only, so a second config with another n_fft/win_size (v1 1024, v2 1920) would reuse
+    # the first one's window; each case starts with empty caches, as a fresh upstream process would
+    matcha.utils.audio.mel_basis.clear()
+    matcha.utils.audio.hann_window.clear()
     from cosyvoice.dataset.dataset import Dataset
     from hyperpyyaml import load_hyperpyyaml
 
