@@ -38,12 +38,22 @@ import torch
 
 from cosytrain.export.checkpoints import CheckpointInfo
 from cosytrain.export.errors import ExportError
-from cosytrain.modeldir import GENERATION_NAMES, ModelDirError, load_weights_file
+from cosytrain.modeldir import (
+    GENERATION_NAMES,
+    PART_CLASS_GENERATIONS,
+    QWEN_DIR,
+    Apply,
+    ModelDirError,
+    Name,
+    New,
+    Ref,
+    fixture_config_to_tree,
+    load_weights_file,
+)
+from cosytrain.modeldir import registry
 
 __all__ = ["run_config_to_tree", "speaker_info_from_shards"]
 
-QWEN_DIR = "CosyVoice-BlankEN"
-CONFIG_NAMES = {"v1": "cosyvoice.yaml", "v2": "cosyvoice2.yaml", "v3": "cosyvoice3.yaml"}
 # The text tokenizer upstream's front end uses for each generation's written config.
 UPSTREAM_TEXT_TOKENIZER = {"v1": "whisper", "v2": "qwen", "v3": "qwen3"}
 
@@ -57,8 +67,6 @@ _CFM_CLASSES = {"cosyvoice.flow.flow_matching.ConditionalCFM", "cosyvoice.flow.f
 
 def _reverse_registry() -> dict[int, tuple[str, str]]:
     """id(cosytrain object) -> (kind, upstream name), for the objects that exist so far."""
-    from cosytrain.models import registry
-
     out: dict[int, tuple[str, str]] = {}
     for kind, table in (("class", registry.CLASSES), ("function", registry.FUNCTIONS)):
         for upstream in table:
@@ -71,8 +79,6 @@ def _reverse_registry() -> dict[int, tuple[str, str]]:
 
 
 def _upstream_name(dotted: str, where: str, reverse: dict[int, tuple[str, str]]) -> tuple[str, str]:
-    from cosytrain.models import registry
-
     if dotted in registry.CLASSES:
         return "class", dotted
     if dotted in registry.FUNCTIONS:
@@ -109,9 +115,6 @@ def run_config_to_tree(value: Any, where: str = "", reverse: dict[int, tuple[str
     known function (``cosytrain.models.sampling.ras_sampling``) becomes ``!name:``; a ``cfm_params``
     mapping becomes upstream's ``!new:omegaconf.DictConfig``.
     """
-    from cosytrain.models.registry import fixture_config_to_tree
-    from cosytrain.models.upstream_yaml import Name, New
-
     reverse = _reverse_registry() if reverse is None else reverse
     if isinstance(value, Mapping) and "class_path" in value:
         kind, upstream = _upstream_name(str(value["class_path"]), where, reverse)
@@ -209,16 +212,12 @@ def _part_configs_from_run(info: CheckpointInfo, run_configs: Sequence[Path]) ->
 
 def _seed_lines() -> dict[str, Any]:
     """Upstream configs open with these seed setters; cosytrain's reader ignores them, upstream runs them."""
-    from cosytrain.models.upstream_yaml import Apply
-
     return {f"__set_seed{i}": Apply(fn, [1986]) for i, fn in enumerate(
         ("random.seed", "numpy.random.seed", "torch.manual_seed", "torch.cuda.manual_seed_all"), start=1)}
 
 
 def _v1_config_tree(parts: Mapping[str, Any]) -> dict[str, Any]:
     """A complete upstream ``cosyvoice.yaml`` around the three part trees (front-end keys: upstream v1's)."""
-    from cosytrain.models.upstream_yaml import Name
-
     hift_rate = parts["hift"].kwargs.get("sampling_rate", 22050)
     sample_rate = hift_rate if isinstance(hift_rate, int) else 22050
     return {
@@ -238,10 +237,8 @@ def _v1_config_tree(parts: Mapping[str, Any]) -> dict[str, Any]:
 
 def _check_run_generations(parts: Mapping[str, Any], sources: Mapping[str, str], generation: str) -> None:
     """All three parts of a config written from runs must be of one generation."""
-    from cosytrain.modeldir import _PART_CLASS_GENERATIONS
-
     for part, tree in parts.items():
-        generations = _PART_CLASS_GENERATIONS.get(part, {}).get(getattr(tree, "target", ""), ())
+        generations = PART_CLASS_GENERATIONS.get(part, {}).get(getattr(tree, "target", ""), ())
         if generations and generation not in generations:
             found = " or ".join(GENERATION_NAMES[g] for g in generations)
             raise ExportError(f"{sources.get(part, part)}: the {part} is {tree.target} ({found}) but the other parts"
@@ -256,8 +253,6 @@ def _v23_config_tree(parts: Mapping[str, Any], generation: str, data_args: Mappi
     cosytrain's reader) override it with ``<model dir>/CosyVoice-BlankEN``. The mel settings of
     ``feat_extractor`` are the run's data module's (the prompt mel must match the training mel).
     """
-    from cosytrain.models.upstream_yaml import Name, Ref
-
     llm = parts["llm"]
     encoder = llm.kwargs.get("llm")
     if getattr(encoder, "target", None) != "cosyvoice.llm.llm.Qwen2Encoder":

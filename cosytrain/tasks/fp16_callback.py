@@ -8,7 +8,7 @@ the task's own parts (``pl_module.llm`` / ``flow`` / ``hift``, whichever exist) 
 ``fp16/<stage>/<metric>`` scalars, FP32/FP16 audio and mel images (TensorBoard), and warns or stops
 the run when a figure leaves its tolerance. The last figures are kept in ``last_figures`` and saved
 in the checkpoint (``checkpoint['callbacks']['FP16EvalCallback']['last_figures']``), where export
-finds them for the model card (:func:`cosytrain.evaluation.fp16_check.figures_from_checkpoint`).
+finds them for the model card (:func:`cosytrain.evaluation.fp16_figures.figures_from_checkpoint`).
 """
 
 from __future__ import annotations
@@ -23,15 +23,9 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from cosytrain.evaluation.fp16_check import (
-    CALLBACK_STATE_KEY,
-    DEFAULT_SEED,
-    batch_size,
-    flat_figures,
-    resolve_tolerances,
-    run_fp16_check,
-    take_utterances,
-)
+from cosytrain.evaluation.fp16_batches import DEFAULT_SEED, batch_size, take_utterances
+from cosytrain.evaluation.fp16_check import run_fp16_check
+from cosytrain.evaluation.fp16_figures import CALLBACK_STATE_KEY, flat_figures, resolve_tolerances
 
 __all__ = ["FP16EvalCallback", "FP16CheckWarning"]
 
@@ -61,7 +55,7 @@ class FP16EvalCallback(pl.Callback):
         every_n_validations: run on every n-th validation (sanity checks are never counted).
         num_utterances: how many of the first validation utterances to use (batches are collected
             until there are this many).
-        tolerances: overrides of :data:`cosytrain.evaluation.fp16_check.DEFAULT_TOLERANCES`
+        tolerances: overrides of :data:`cosytrain.evaluation.fp16_figures.DEFAULT_TOLERANCES`
             (``{'flow/mel_l1': 0.1}``; None switches one off).
         on_fail: ``warn`` (a :class:`FP16CheckWarning`) or ``stop`` (``trainer.should_stop`` with a
             logged reason; the current epoch's checkpoint callbacks still run).

@@ -10,8 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from cosytrain.evaluation.fp16_check import figures_from_checkpoint, synthetic_batch
-from cosytrain.models.registry import build_from_fixture_config
+from cosytrain.evaluation.fp16_batches import synthetic_batch
+from cosytrain.evaluation.fp16_figures import figures_from_checkpoint
+from cosytrain.modeldir import build_from_fixture_config
 from cosytrain.tasks.fp16_callback import FP16CheckWarning, FP16EvalCallback
 from tests.conftest import load_fixture
 
