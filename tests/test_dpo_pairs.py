@@ -14,7 +14,7 @@ import torch
 
 from cosytrain.cli import main as cli_main
 from cosytrain.data.shards import iter_rows, read_data_list, write_shard
-from cosytrain.preference.scorers import Candidate, LengthScorer, SpeakerSimilarityScorer, Utterance, \
+from cosytrain.preference.scorers import Candidate, LengthScorer, SpeakerSimilarityScorer, Utterance, WerScorer, \
     parse_scorer_specs
 from tests.inference import _tiny_v1 as tiny
 
@@ -59,7 +59,8 @@ def test_pairs_are_best_and_worst_candidates_and_batch_for_dpo(tmp_path: Path, c
     out = tmp_path / "pairs"
     args = ["dpo-pairs", "--model_dir", str(model_dir), "--data", str(data_list), "-o", str(out),
             "--num_candidates", "3", "--max_token_text_ratio", "3", "--min_token_text_ratio", "1",
-            "--text_tokenizer", "byte", "--scorer", "speaker", "--scorer", "length:0.5", "--device", "cpu"]
+            "--text_tokenizer", "byte", "--scorer", "speaker", "--scorer", "length:0.5", "--device", "cpu",
+            "--speaker_encoder", "builtin"]  # auto would load resemblyzer (librosa's JIT: ~10 s on a first call)
     assert cli_main(args) == 0
     summary = json.loads((out / "pairs.json").read_text())
     reports = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
@@ -104,13 +105,19 @@ def test_bad_arguments_are_one_line(tmp_path: Path, corpus, capsys: pytest.Captu
     base = ["dpo-pairs", "--model_dir", str(model_dir), "-o", str(tmp_path / "o")]
     assert cli_main(base + ["--data", str(tmp_path / "nope.list")]) == 2
     assert "nope.list not found" in capsys.readouterr().err
+    assert cli_main(base + ["--data", str(data_list), "--scorer", "mos"]) == 2
+    assert "unknown scorer 'mos'" in capsys.readouterr().err
     assert cli_main(base + ["--data", str(data_list), "--scorer", "wer"]) == 2
-    assert "unknown scorer 'wer'" in capsys.readouterr().err
+    assert "--scorer wer needs an ASR backend: --asr kind:path" in capsys.readouterr().err
+    assert cli_main(base + ["--data", str(data_list), "--scorer", "wer", "--asr", f"whisper:{tmp_path}/none.pt"]) == 2
+    assert "none.pt not found" in capsys.readouterr().err
     assert cli_main(base + ["--data", str(data_list), "--num_candidates", "1"]) == 2
     assert "--num_candidates must be at least 2" in capsys.readouterr().err
     (model_dir / "campplus_builtin.npz").unlink()
-    assert cli_main(base + ["--data", str(data_list)]) == 2
-    assert "neither campplus.onnx nor campplus_builtin.npz" in capsys.readouterr().err
+    assert cli_main(base + ["--data", str(data_list), "--speaker_encoder", "builtin"]) == 2
+    assert "campplus_builtin.npz not found" in capsys.readouterr().err
+    assert cli_main(base + ["--data", str(data_list), "--speaker_encoder", "campplus"]) == 2
+    assert "no campplus.onnx in" in capsys.readouterr().err
 
 
 def test_scorers() -> None:
@@ -119,13 +126,19 @@ def test_scorers() -> None:
         pytest.approx([0.0, -np.log(2.0), -np.log(2.0)])
 
     class Echo:  # embeds a signal as (its mean, its energy): the candidate closer to the recording wins
-        def embed_batch(self, audios):
-            return [[float(np.mean(a)), float(np.mean(a * a))] for a in audios]
+        def embed(self, audio):
+            return np.array([float(np.mean(audio)), float(np.mean(audio * audio))])
 
     utt.wav16k = np.array([1.0, 2.0, 3.0])
     near, far = Candidate([1], np.array([1.0, 2.0, 3.1])), Candidate([1], np.array([-3.0, 0.0, 0.5]))
     scores = SpeakerSimilarityScorer(Echo()).score(utt, [near, far])
     assert scores[0] > 0.99 and scores[1] < scores[0]
+
+    class Asr:  # hears "hi there" in the near candidate and "hi where now" in the far one
+        def transcribe(self, wav):
+            return "hi there" if wav[-1] > 3 else "hi where now"
+
+    assert WerScorer(Asr()).score(Utterance("u", "Hi, there!", [1]), [near, far]) == pytest.approx([0.0, -1.0])
     assert parse_scorer_specs(["speaker:2", "length"]) == [("speaker", 2.0), ("length", 1.0)]
     with pytest.raises(ValueError, match="must be a number"):
         parse_scorer_specs(["length:x"])

@@ -3,7 +3,8 @@
 For every utterance of the corpus (a ``data.list`` of prepared shards) the model directory's LLM
 samples ``--num_candidates`` speech-token sequences (each from its own seed, so a run is
 reproducible), the scorers rate them (:mod:`cosytrain.preference.scorers`: speaker similarity of
-their synthesis to the recording, closeness of their length to the recording's; weighted sum), and
+their synthesis to the recording, WER of their synthesis through an offline ASR, closeness of their
+length to the recording's; weighted sum), and
 the best becomes ``speech_token`` (chosen) and the worst ``reject_speech_token`` (rejected) of a copy
 of the row - upstream's DPO columns, so the shards train with ``DPOTask`` here and with upstream's
 ``--dpo``. ``--chosen recording`` keeps the recording's own tokens as chosen instead.
@@ -195,7 +196,8 @@ def _write_shards(tmp: Path, final: Path, rows: list[dict[str, Any]], rows_per_s
 
 def make_pairs(model_dir: str | Path, data_list: str | Path, output: str | Path, scorer_specs: Sequence[str],
                opts: PairOptions = PairOptions(), device: str = "cpu", text_tokenizer: Optional[str] = None,
-               text_tokenizer_path: Optional[str] = None, overwrite: bool = False) -> dict[str, Any]:
+               text_tokenizer_path: Optional[str] = None, overwrite: bool = False, speaker_encoder: str = "auto",
+               asr: Optional[str] = None) -> dict[str, Any]:
     """Write the preference shards of ``data_list`` to ``output``; returns the summary (also in ``pairs.json``)."""
     from cosytrain.data.shards import ReadStats, iter_rows, read_data_list
     from cosytrain.utils.atomic import atomic_directory
@@ -208,7 +210,7 @@ def make_pairs(model_dir: str | Path, data_list: str | Path, output: str | Path,
     if output.exists() and not overwrite:
         raise FileExistsError(f"{output}: already exists; pass --overwrite to replace it")
     read_data_list(data_list)  # a missing list is one line before any model loads
-    scorers = build_scorers(parse_scorer_specs(scorer_specs), model_dir)
+    scorers = build_scorers(parse_scorer_specs(scorer_specs), model_dir, speaker_encoder, asr, device)
     model = _Model(model_dir, any(s.needs_audio for s, _ in scorers), device)
     tokenizer = _text_tokenizer(model_dir, model.directory.generation, text_tokenizer, text_tokenizer_path)
     rows, reports, skipped, stats = [], [], Counter(), ReadStats()
@@ -248,7 +250,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="data.list of prepared shards (text, audio, tokens, embeddings)")
     p.add_argument("-o", "--output", required=True, help="folder for the preference shards and data.list")
     p.add_argument("--scorer", action="append", metavar="NAME[:WEIGHT]",
-                   help="speaker, length (repeatable; weighted sum); default: speaker and length")
+                   help="speaker, wer, length (repeatable; weighted sum); default: speaker and length")
+    p.add_argument("--speaker_encoder", default="auto",
+                   help="speaker scorer's encoder: auto (the model's campplus.onnx, else resemblyzer), campplus,"
+                        " resemblyzer, builtin (the model's campplus_builtin.npz) or a campplus .onnx path")
+    p.add_argument("--asr", help="wer scorer's offline ASR backend, kind:path (transformers, whisper, faster-whisper,"
+                                 " funasr)")
     defaults = PairOptions()
     for name in ("num_candidates", "seed", "min_margin", "max_utts", "min_token_text_ratio", "max_token_text_ratio",
                  "sampling", "rows_per_shard"):
@@ -273,7 +280,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     opts = PairOptions(**{k: getattr(args, k) for k in PairOptions.__dataclass_fields__})
     try:
         summary = make_pairs(args.model_dir, args.data, args.output, args.scorer or ["speaker", "length"], opts,
-                             args.device, args.text_tokenizer, args.text_tokenizer_path, args.overwrite)
+                             args.device, args.text_tokenizer, args.text_tokenizer_path, args.overwrite,
+                             args.speaker_encoder, args.asr)
     except (DataError, ModelDirError, ValueError, FileNotFoundError, FileExistsError) as exc:
         print(f"cosytrain dpo-pairs: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2

@@ -2,21 +2,22 @@
 
 A scorer is any object with ``name``, ``needs_audio`` and ``score(utt, candidates) -> list[float]``
 (higher is better, one number per candidate). ``python -m cosytrain dpo-pairs --scorer NAME[:WEIGHT]``
-combines them as a weighted sum. The scorers that exist today:
+combines them as a weighted sum:
 
+* ``speaker``: speaker similarity (SIM), the cosine between the speaker embedding of the candidate's
+  synthesis (flow + vocoder of the model directory) and that of the recording, both from the same
+  encoder: the validation-by-synthesis encoders of :mod:`cosytrain.evaluation.speaker_similarity`
+  (``--speaker_encoder auto``: the model directory's ``campplus.onnx``, else resemblyzer's shipped
+  GE2E weights), or ``builtin``, the stand-in ``campplus_builtin.npz`` that ``prepare`` fitted.
+* ``wer``: minus the word error rate of the candidate's synthesis against the utterance's text,
+  through an offline ASR backend (``--asr kind:path``, :mod:`cosytrain.evaluation.asr`: transformers,
+  whisper, faster-whisper, funasr; never downloaded).
 * ``length``: ``-|log((n + 1) / (n_ref + 1))|``, how far a candidate's token count is from the
   recording's (the utterance's own ``speech_token``): catches the two common LLM failures, stopping
   early and babbling on to the length limit. Needs no audio.
-* ``speaker``: speaker similarity, the cosine between the speaker embedding of the candidate's
-  synthesis (flow + vocoder of the model directory) and that of the recording, both from the model
-  directory's speaker encoder (``campplus.onnx``, else the built-in ``campplus_builtin.npz`` that
-  ``prepare`` fitted), so the two sides are measured alike.
 
-Adding the speech metrics of the validation-by-synthesis work (``cosytrain.evaluation``: WER/CER
-through an ASR backend with ``transcribe(wav16k) -> str``, the resemblyzer/CAM++ speaker encoders,
-MCD against the recording) is one class each here: ``needs_audio = True`` and a ``score`` that calls
-the metric on ``Candidate.wav16k`` / ``Utterance.wav16k`` (WER: ``-wer(utt.text, transcribe(wav))``),
-plus a line in :func:`build_scorers`.
+Another metric is one class here (``needs_audio`` and a ``score`` over ``Candidate.wav16k`` /
+``Utterance.wav16k``) plus a line in :func:`build_scorers`.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from typing import Any, Optional, Protocol, Sequence
 
 import numpy as np
 
-__all__ = ["Utterance", "Candidate", "Scorer", "LengthScorer", "SpeakerSimilarityScorer", "build_scorers",
-           "parse_scorer_specs", "SCORER_NAMES"]
+__all__ = ["Utterance", "Candidate", "Scorer", "LengthScorer", "SpeakerSimilarityScorer", "WerScorer",
+           "build_scorers", "parse_scorer_specs", "SCORER_NAMES"]
 
 SAMPLE_RATE_16K = 16000
 
@@ -81,28 +82,62 @@ class SpeakerSimilarityScorer:
     name = "speaker"
     needs_audio = True
 
-    def __init__(self, embedder: Any) -> None:
-        self.embedder = embedder  # cosytrain.data.speaker_embedding: embed_batch(list of 16 kHz arrays)
+    def __init__(self, encoder: Any) -> None:
+        self.encoder = encoder  # anything with embed(wav16k) -> vector (evaluation.speaker_similarity)
 
     @classmethod
-    def from_model_dir(cls, model_dir: str | Path) -> "SpeakerSimilarityScorer":
-        from cosytrain.data.speaker_embedding import load_speaker_embedder
-        from cosytrain.modeldir import BUILTIN_CAMPPLUS_FILE, ONNX_CAMPPLUS
+    def from_spec(cls, spec: str, model_dir: str | Path, device: str = "cpu") -> "SpeakerSimilarityScorer":
+        """``builtin`` (the model directory's campplus_builtin.npz) or an evaluation encoder spec."""
+        if spec == "builtin":
+            from cosytrain.data.speaker_embedding import BuiltinSpeakerEmbedding
+            from cosytrain.modeldir import BUILTIN_CAMPPLUS_FILE
 
-        for name in (ONNX_CAMPPLUS, BUILTIN_CAMPPLUS_FILE):
-            if (Path(model_dir) / name).is_file():
-                return cls(load_speaker_embedder(Path(model_dir) / name))
-        raise FileNotFoundError(f"--scorer speaker: {model_dir} has neither {ONNX_CAMPPLUS} nor"
-                                f" {BUILTIN_CAMPPLUS_FILE} to embed speakers with")
+            path = Path(model_dir) / BUILTIN_CAMPPLUS_FILE
+            if not path.is_file():
+                raise FileNotFoundError(f"--speaker_encoder builtin: {path} not found; use auto, campplus or resemblyzer")
+            return cls(_BatchEmbedder(BuiltinSpeakerEmbedding.load(path)))
+        from cosytrain.evaluation.speaker_similarity import SpeakerEncoderError, load_speaker_encoder
+
+        try:
+            return cls(load_speaker_encoder(spec, model_dir, device=device))
+        except SpeakerEncoderError as exc:
+            raise ValueError(f"--speaker_encoder: {exc}") from None
 
     def score(self, utt: Utterance, candidates: Sequence[Candidate]) -> list[float]:
         if utt.wav16k is None or any(c.wav16k is None for c in candidates):
             raise ValueError("speaker scorer: the recording and every candidate need audio")
-        embeddings = self.embedder.embed_batch([utt.wav16k] + [c.wav16k for c in candidates])
-        return [_cosine(embeddings[0], e) for e in embeddings[1:]]
+        reference = self.encoder.embed(utt.wav16k)
+        return [_cosine(reference, self.encoder.embed(c.wav16k)) for c in candidates]
 
 
-SCORER_NAMES = ("length", "speaker")
+class _BatchEmbedder:
+    """``data.speaker_embedding``'s ``embed_batch`` embedders seen as ``embed(wav16k)``."""
+
+    def __init__(self, embedder: Any) -> None:
+        self.embedder = embedder
+
+    def embed(self, wav16k: np.ndarray) -> np.ndarray:
+        return np.asarray(self.embedder.embed_batch([wav16k])[0])
+
+
+class WerScorer:
+    """Minus the WER of the candidate's synthesis against the text (an offline ASR backend)."""
+
+    name = "wer"
+    needs_audio = True
+
+    def __init__(self, asr: Any) -> None:
+        self.asr = asr  # anything with transcribe(wav16k) -> str (evaluation.asr)
+
+    def score(self, utt: Utterance, candidates: Sequence[Candidate]) -> list[float]:
+        from cosytrain.evaluation.asr import error_rates
+
+        if any(c.wav16k is None for c in candidates):
+            raise ValueError("wer scorer: every candidate needs audio")
+        return [-error_rates(utt.text, self.asr.transcribe(c.wav16k))["wer"] for c in candidates]
+
+
+SCORER_NAMES = ("speaker", "wer", "length")
 
 
 def parse_scorer_specs(specs: Sequence[str]) -> list[tuple[str, float]]:
@@ -120,10 +155,25 @@ def parse_scorer_specs(specs: Sequence[str]) -> list[tuple[str, float]]:
     return out
 
 
-def build_scorers(specs: Sequence[tuple[str, float]], model_dir: str | Path) -> list[tuple[Scorer, float]]:
+def build_scorers(specs: Sequence[tuple[str, float]], model_dir: str | Path, speaker_encoder: str = "auto",
+                  asr: Optional[str] = None, device: str = "cpu") -> list[tuple[Scorer, float]]:
     """The scorers named in ``specs`` (from :func:`parse_scorer_specs`) with their weights."""
     made: list[tuple[Scorer, float]] = []
     for name, weight in specs:
-        scorer: Scorer = LengthScorer() if name == "length" else SpeakerSimilarityScorer.from_model_dir(model_dir)
+        scorer: Scorer
+        if name == "length":
+            scorer = LengthScorer()
+        elif name == "speaker":
+            scorer = SpeakerSimilarityScorer.from_spec(speaker_encoder, model_dir, device)
+        else:
+            if not asr:
+                raise ValueError("--scorer wer needs an ASR backend: --asr kind:path (transformers, whisper,"
+                                 " faster-whisper or funasr; a local model, never downloaded)")
+            from cosytrain.evaluation.asr import AsrError, load_asr
+
+            try:
+                scorer = WerScorer(load_asr(asr, device=device))
+            except AsrError as exc:
+                raise ValueError(str(exc)) from None
         made.append((scorer, weight))
     return made
