@@ -123,3 +123,22 @@ def test_ema_with_lora_keeps_no_base_and_resumes_exactly(tmp_path: Path) -> None
         assert all(torch.equal(straight[key][k], again[key][k]) for k in straight[key]), key
     lora_b = next(k for k in again["state_dict"] if ".lora_B." in k)
     assert not torch.equal(again["state_dict"][lora_b], again["current_model_state"][lora_b])
+
+
+def test_ema_is_one_callback_line_and_off_in_every_recipe(capsys) -> None:
+    import yaml
+
+    from cosytrain.tasks.lightning_cli import main
+    from tests.conftest import REPO_ROOT
+
+    recipes = sorted((REPO_ROOT / "recipes").glob("*.yaml"))
+    for recipe in recipes:  # off by default: no recipe turns it on (the fine-tuning ones carry it commented out)
+        callbacks = (yaml.safe_load(recipe.read_text()).get("trainer") or {}).get("callbacks") or []
+        assert not any("EMA" in str(c.get("class_path", "")) for c in callbacks), recipe.name
+    assert "cosytrain.tasks.ema.EMAWeights" in (REPO_ROOT / "recipes" / "cosyvoice2_lora_sft.yaml").read_text()
+    recipe = REPO_ROOT / "recipes" / "cosyvoice2_lora_sft.yaml"
+    assert main(["fit", "--config", str(recipe), "--trainer.callbacks+=cosytrain.tasks.ema.EMAWeights",
+                 "--trainer.callbacks.decay=0.99", "--print_config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    ema = [c for c in printed["trainer"]["callbacks"] if c["class_path"] == "cosytrain.tasks.ema.EMAWeights"]
+    assert len(ema) == 1 and ema[0]["init_args"]["decay"] == 0.99
