@@ -46,6 +46,11 @@ def load_part_weights(name: str, part: nn.Module, model_dir: str | Path) -> None
     The checks before the load are the model directory's (:func:`cosytrain.modeldir.check_state_dict`):
     weights of another generation, then every missing, unexpected or shape-mismatched key, in one line.
     """
+    from cosytrain.models.lora import has_adapters
+
+    if has_adapters(part):  # peft renamed the adapted layers: the base would not load (fish-speech #1163)
+        raise ValueError(f"init_from: the {name} part already carries LoRA adapters; its base weights must load"
+                         " before the adapters attach")
     path = Path(model_dir) / f"{name}.pt"
     if not path.is_file():
         raise FileNotFoundError(f"init_from: {path} not found; init_from must be a model directory holding {name}.pt")

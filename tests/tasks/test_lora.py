@@ -52,6 +52,10 @@ def test_step0_is_exactly_the_base_model(tmp_path: Path, gen: str) -> None:
     assert all(not p.detach().any() for n, p in task.named_parameters() if ".lora_B." in n)
     with pytest.raises(ValueError, match="already carries LoRA adapters"):
         task.adapters.attach(task)
+    from cosytrain.tasks.speech_task import load_part_weights
+
+    with pytest.raises(ValueError, match="base weights must load before the adapters attach"):
+        load_part_weights("llm", task.llm, base_dir)
 
 
 def test_lora_needs_init_from_and_a_known_part(tmp_path: Path) -> None:
