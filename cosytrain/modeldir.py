@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cosytrain.errors import ConfigurationError
 from cosytrain.models.upstream_yaml import (
     MODEL_CONFIG_NAMES,
     UpstreamConfigError,
@@ -83,7 +84,7 @@ _PART_CLASS_GENERATIONS: dict[str, dict[str, tuple[str, ...]]] = {
 }
 
 
-class ModelDirError(ValueError):
+class ModelDirError(ConfigurationError):
     """A model directory (or a weights file) was refused; the message is one line."""
 
     def __init__(self, message: str) -> None:

@@ -41,16 +41,18 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
+from cosytrain.errors import ConfigurationError
+
 log = logging.getLogger(__name__)
 
 Sample = dict[str, Any]
 Stage = Callable[..., Iterator[Any]]
 
 
-class DataError(ValueError):
+class DataError(ConfigurationError):
     """A data list, shard set or data option that cannot be used; the message names the path and fix.
 
-    A ValueError so that configuration front ends that turn ValueErrors into one line do so here too.
+    A ``ConfigurationError``: the command-line front ends print it as one line (exit code 2).
     """
 
 

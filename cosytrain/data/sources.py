@@ -11,8 +11,10 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
+from cosytrain.errors import ConfigurationError
 
-class SourceError(ValueError):
+
+class SourceError(ConfigurationError):
     """A corpus folder that cannot be read; the message is one line naming the path and the fix."""
 
 

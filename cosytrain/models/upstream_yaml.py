@@ -40,6 +40,8 @@ from typing import Any, ClassVar
 
 import yaml
 
+from cosytrain.errors import ConfigurationError
+
 __all__ = [
     "UpstreamConfigError",
     "New",
@@ -66,7 +68,7 @@ __all__ = [
 MODEL_CONFIG_NAMES = ("cosyvoice.yaml", "cosyvoice2.yaml", "cosyvoice3.yaml")
 
 
-class UpstreamConfigError(ValueError):
+class UpstreamConfigError(ConfigurationError):
     """An upstream config was refused or cannot be built; the message is one line."""
 
     def __init__(self, message: str) -> None:

@@ -25,6 +25,7 @@ from typing import Any, Optional
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.types import _PATH
 
+from cosytrain.errors import ConfigurationError
 from cosytrain.utils.atomic import atomic_torch_save
 
 
@@ -33,8 +34,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Optional[Any] = None) -> None:
         if storage_options is not None:
-            raise TypeError(f"{type(self).__name__} does not take storage_options; drop them or bring your own"
-                            " CheckpointIO plugin")
+            raise ConfigurationError(f"{type(self).__name__} does not take storage_options; drop them or bring your own"
+                                     " CheckpointIO plugin")
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         atomic_torch_save(checkpoint, target)  # raises AtomicWriteError (an OSError) naming the path

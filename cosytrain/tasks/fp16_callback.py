@@ -32,6 +32,7 @@ from cosytrain.evaluation.fp16_check import (
     run_fp16_check,
     take_utterances,
 )
+from cosytrain.errors import ConfigurationError
 
 __all__ = ["FP16EvalCallback", "FP16CheckWarning"]
 
@@ -76,13 +77,14 @@ class FP16EvalCallback(pl.Callback):
                  on_fail: Literal["warn", "stop"] = "warn", hift_from: Optional[str] = None,
                  seed: int = DEFAULT_SEED, log_media: bool = True) -> None:
         if int(every_n_validations) < 1:
-            raise ValueError(f"every_n_validations must be at least 1, got {every_n_validations}")
+            raise ConfigurationError(f"every_n_validations must be at least 1, got {every_n_validations}")
         if int(num_utterances) < 1:
-            raise ValueError(f"num_utterances must be at least 1, got {num_utterances}")
+            raise ConfigurationError(f"num_utterances must be at least 1, got {num_utterances}")
         if on_fail not in ("warn", "stop"):
-            raise ValueError(f"on_fail={on_fail!r}: use 'warn' or 'stop'")
+            raise ConfigurationError(f"on_fail={on_fail!r}: use 'warn' or 'stop'")
         if hift_from is not None and not (Path(hift_from) / "hift.pt").is_file():
-            raise ValueError(f"hift_from={hift_from!r}: no hift.pt there; give a model directory holding the vocoder")
+            raise ConfigurationError(f"hift_from={hift_from!r}: no hift.pt there; give a model directory holding the"
+                                     f" vocoder")
         self.every_n_validations = int(every_n_validations)
         self.num_utterances = int(num_utterances)
         self.tolerances = dict(tolerances or {})

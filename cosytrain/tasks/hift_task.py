@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from torch import nn
 
+from cosytrain.errors import ConfigurationError
 from cosytrain.models.hift.discriminator import (MultiPeriodDiscriminator, MultipleDiscriminator,
                                                  MultiResSpecDiscriminator)
 from cosytrain.models.hift.losses import HiFiGanLoss, MelConfig
@@ -85,7 +86,8 @@ def split_gan_train_conf(conf: Mapping[str, Any] | None) -> tuple[TrainConf, Tra
     conf = dict(conf or {})
     accum = int(conf.pop("accum_grad", 1))
     if accum != 1:
-        raise ValueError(f"train_conf.accum_grad={accum}: GAN training steps both optimizers every batch; set it to 1")
+        raise ConfigurationError(f"train_conf.accum_grad={accum}: GAN training steps both optimizers every batch; set"
+                                 f" it to 1")
     gen = {"optim": "adam", "optim_conf": {"lr": 0.0002}, "scheduler": "constantlr", "scheduler_conf": {},
            "grad_clip": 5.0}
     for key in list(conf):
@@ -102,10 +104,10 @@ def _unwrap_state_dict(checkpoint: Mapping[str, Any] | str | Path) -> Mapping[st
     if isinstance(checkpoint, (str, Path)):
         checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
     if not isinstance(checkpoint, Mapping):
-        raise ValueError(f"expected a checkpoint dict, got {type(checkpoint).__name__}")
+        raise ConfigurationError(f"expected a checkpoint dict, got {type(checkpoint).__name__}")
     state = checkpoint.get("state_dict", checkpoint)
     if not isinstance(state, Mapping):
-        raise ValueError("checkpoint['state_dict'] is not a mapping")
+        raise ConfigurationError("checkpoint['state_dict'] is not a mapping")
     return state
 
 
@@ -126,7 +128,7 @@ def hift_state_dict(checkpoint: Mapping[str, Any] | str | Path) -> dict[str, tor
     """
     state = _prefixed(_unwrap_state_dict(checkpoint), "hift.")
     if not state:
-        raise ValueError("checkpoint has no 'hift.*' weights; is it a HiFTTask checkpoint?")
+        raise ConfigurationError("checkpoint has no 'hift.*' weights; is it a HiFTTask checkpoint?")
     return state
 
 
@@ -139,12 +141,13 @@ def check_sample_rate(model_rate: int, data_rate: Optional[int], model_hop: Opti
                       data_hop: Optional[int] = None) -> None:
     """One-line error when the data's audio rate or mel hop does not fit the vocoder."""
     if data_rate is not None and int(data_rate) != int(model_rate):
-        raise ValueError(f"sample rate mismatch: the data is {int(data_rate)} Hz but the vocoder (hift.sampling_rate)"
-                         f" is {int(model_rate)} Hz; set data.init_args.sample_rate: {int(model_rate)} or use a"
-                         f" {int(data_rate)} Hz vocoder config")
+        raise ConfigurationError(f"sample rate mismatch: the data is {int(data_rate)} Hz but the vocoder"
+                                 f" (hift.sampling_rate) is {int(model_rate)} Hz; set data.init_args.sample_rate:"
+                                 f" {int(model_rate)} or use a {int(data_rate)} Hz vocoder config")
     if model_hop is not None and data_hop is not None and int(model_hop) != int(data_hop):
-        raise ValueError(f"hop size mismatch: the data's mel hop_size is {int(data_hop)} samples but the vocoder"
-                         f" makes {int(model_hop)} samples per frame; set data.init_args.hop_size: {int(model_hop)}")
+        raise ConfigurationError(f"hop size mismatch: the data's mel hop_size is {int(data_hop)} samples but the"
+                                 f" vocoder makes {int(model_hop)} samples per frame; set data.init_args.hop_size:"
+                                 f" {int(model_hop)}")
 
 
 def _datamodule_value(dm: Any, name: str) -> Any:
@@ -213,15 +216,15 @@ class FlowMelSource:
             with torch.autocast(device_type=device.type, enabled=False):
                 mel = self.synthesize(self.flow, one, device)
             if mel is None:
-                raise ValueError("mel_source=flow: the flow has no upstream-style inference() or the batch lacks"
-                                 " speech_token/embedding")
+                raise ConfigurationError("mel_source=flow: the flow has no upstream-style inference() or the batch"
+                                         " lacks speech_token/embedding")
             mel = mel.float()
             made = mel.shape[-1]
             if abs(made - length) > self.max_error * max(length, 1):
                 utt = batch.get("utts", [None] * feat.shape[0])[i]
-                raise ValueError(f"mel_source=flow: the flow made {made} frames for utterance {utt} but its audio has"
-                                 f" {length}; the flow path needs uncropped audio: set data.init_args.truncate_length"
-                                 " to at least the longest utterance's samples")
+                raise ConfigurationError(f"mel_source=flow: the flow made {made} frames for utterance {utt} but its"
+                                         f" audio has {length}; the flow path needs uncropped audio: set"
+                                         " data.init_args.truncate_length to at least the longest utterance's samples")
             if made != length:
                 mel = F.interpolate(mel[None], size=length, mode="linear", align_corners=False)[0]
             out[i, :length] = mel.t()
@@ -291,14 +294,14 @@ class HiFTTask(pl.LightningModule):
                                 tpr_loss_tau)
         self.warmup_steps = int(discriminator_warmup_steps)
         if precision is not None and normalize_precision(precision) is None:
-            raise ValueError(f"precision={precision!r}: use '16-mixed', 'bf16-mixed' or '32-true'")
+            raise ConfigurationError(f"precision={precision!r}: use '16-mixed', 'bf16-mixed' or '32-true'")
         self.requested_precision = normalize_precision(precision) if precision is not None else None
         self.run_precision: str = self.requested_precision or "32-true"
         self.init_scale = float(grad_scaler_init_scale)
         if mel_source not in ("ground_truth", "flow"):
-            raise ValueError(f"mel_source={mel_source!r}: use 'ground_truth' or 'flow'")
+            raise ConfigurationError(f"mel_source={mel_source!r}: use 'ground_truth' or 'flow'")
         if mel_source == "flow" and not flow_dir:
-            raise ValueError("mel_source='flow' needs flow_dir: a model directory holding the trained flow.pt")
+            raise ConfigurationError("mel_source='flow' needs flow_dir: a model directory holding the trained flow.pt")
         self.mel_source = mel_source
         # a tuple keeps the frozen flow out of the module tree (not trained, not checkpointed, not exported)
         self._flow_source: tuple[FlowMelSource, ...] = (FlowMelSource.from_model_dir(flow_dir),) if flow_dir and \
@@ -369,14 +372,15 @@ class HiFTTask(pl.LightningModule):
         elif type(plugin) is Precision:
             trainer_precision = "32-true"
         else:
-            raise ValueError(f"HiFTTask owns its precision and cannot run with trainer precision plugin "
-                             f"{type(plugin).__name__}; use trainer.precision 16-mixed, bf16-mixed or 32-true")
+            raise ConfigurationError(f"HiFTTask owns its precision and cannot run with trainer precision plugin "
+                                     f"{type(plugin).__name__}; use trainer.precision 16-mixed, bf16-mixed or 32-true")
         if "deepspeed" in type(strategy).__name__.lower():
-            raise ValueError("HiFTTask (two optimizers, manual optimisation) does not support DeepSpeed; use ddp")
+            raise ConfigurationError("HiFTTask (two optimizers, manual optimisation) does not support DeepSpeed; use"
+                                     " ddp")
         wanted = self.requested_precision
         if wanted is not None and trainer_precision != "32-true" and trainer_precision != wanted:
-            raise ValueError(f"precision set twice: model.init_args.precision={wanted} but trainer.precision="
-                             f"{trainer_precision}; set only one")
+            raise ConfigurationError(f"precision set twice: model.init_args.precision={wanted} but trainer.precision="
+                                     f"{trainer_precision}; set only one")
         self.run_precision = wanted or trainer_precision or "32-true"
         if isinstance(plugin, MixedPrecision):
             strategy.precision_plugin = Precision()  # autocast + scalers are ours (module doc)
@@ -388,7 +392,8 @@ class HiFTTask(pl.LightningModule):
         check_sample_rate(int(getattr(self.hift, "sampling_rate")), _datamodule_value(dm, "sample_rate"),
                           getattr(self.hift, "upsample_scale", None), _datamodule_value(dm, "hop_size"))
         if _datamodule_value(dm, "vocoder") is False:
-            raise ValueError("HiFTTask needs vocoder batches (speech, pitch_feat): set data.init_args.vocoder: true")
+            raise ConfigurationError("HiFTTask needs vocoder batches (speech, pitch_feat): set"
+                                     " data.init_args.vocoder: true")
 
     def setup(self, stage: str) -> None:
         if stage == "fit":
@@ -426,7 +431,8 @@ class HiFTTask(pl.LightningModule):
     def input_mels(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         """The batch the generator sees: ground-truth mels, or the frozen flow's."""
         if "speech" not in batch or "pitch_feat" not in batch:
-            raise KeyError("HiFTTask: the batch lacks 'speech'/'pitch_feat'; set data.init_args.vocoder: true")
+            raise ConfigurationError("HiFTTask: the batch lacks 'speech'/'pitch_feat'; set data.init_args.vocoder:"
+                                     " true")
         if self.mel_source == "flow":
             return {**batch, "speech_feat": self._flow_source[0](batch, self.device)}
         return dict(batch)
@@ -434,9 +440,9 @@ class HiFTTask(pl.LightningModule):
     def _real(self, batch: Mapping[str, Any], generated: torch.Tensor) -> torch.Tensor:
         real = batch["speech"].to(self.device)
         if real.shape != generated.shape:
-            raise ValueError(f"generated speech {list(generated.shape)} vs batch speech {list(real.shape)}: the data's"
-                             " hop_size must equal the vocoder's samples per frame"
-                             f" ({getattr(self.hift, 'upsample_scale', '?')})")
+            raise ConfigurationError(f"generated speech {list(generated.shape)} vs batch speech {list(real.shape)}:"
+                                     " the data's hop_size must equal the vocoder's samples per frame"
+                                     f" ({getattr(self.hift, 'upsample_scale', '?')})")
         return real
 
     def _step(self, name: str, loss: torch.Tensor, optimizer: Any, scheduler: Any, params: list[nn.Parameter],

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cosytrain.errors import ConfigurationError
 from cosytrain.tasks.optim import TrainConf, build_optimization
 from cosytrain.tasks.precision import loss_scale
 
@@ -73,8 +74,8 @@ def check_part_state_dict(name: str, part: nn.Module, state: Mapping[str, Any], 
         parts.append("missing in checkpoint: " + few([f"{name}.{k}" for k in missing]))
     if unexpected:
         parts.append("not in model: " + few([f"{name}.{k}" for k in unexpected]))
-    raise ValueError(f"init_from {source} does not fit the {name} part: " + "; ".join(parts)
-                     + ". Check that the recipe's model config matches the model directory.")
+    raise ConfigurationError(f"init_from {source} does not fit the {name} part: " + "; ".join(parts)
+                             + ". Check that the recipe's model config matches the model directory.")
 
 
 def load_part_weights(name: str, part: nn.Module, model_dir: str | Path) -> None:
@@ -86,16 +87,16 @@ def load_part_weights(name: str, part: nn.Module, model_dir: str | Path) -> None
 
     state = load_weights_file(path, f"init_from: {path}")  # weights only; pickled code -> one line
     if not isinstance(state, Mapping):
-        raise ValueError(f"init_from: {path} is not a plain state dict")
+        raise ConfigurationError(f"init_from: {path} is not a plain state dict")
     # upstream's DDP save_model adds int entries 'epoch'/'step' beside the tensors
     state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
     given, telling = state_dict_generation(name, state)
     wanted, _ = state_dict_generation(name, part.state_dict())
     if given is not None and wanted is not None and given != wanted:
-        raise ValueError(f"init_from {path}: the {name} weights are {GENERATION_NAMES[given]} ({telling[0]}, ...) but"
-                         f" the recipe's {name} is a {GENERATION_NAMES[wanted]} model; use a model directory and"
-                         " model config of the same generation")
+        raise ConfigurationError(f"init_from {path}: the {name} weights are {GENERATION_NAMES[given]}"
+                                 f" ({telling[0]}, ...) but the recipe's {name} is a {GENERATION_NAMES[wanted]} model;"
+                                 " use a model directory and model config of the same generation")
     check_part_state_dict(name, part, state, str(path))
     part.load_state_dict(state, strict=True)
 
@@ -130,7 +131,8 @@ class SpeechTask(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=list(PART_NAMES))
         if llm is None and flow is None:
-            raise ValueError("SpeechTask needs at least one part: set model.init_args.llm and/or model.init_args.flow")
+            raise ConfigurationError("SpeechTask needs at least one part: set model.init_args.llm and/or"
+                                     " model.init_args.flow")
         self.part_names: list[str] = []
         for name, part in (("llm", llm), ("flow", flow)):
             if part is not None:
@@ -156,7 +158,7 @@ class SpeechTask(pl.LightningModule):
             stem = prefix.rstrip(".")
             hits = [n for n in names if n == stem or n.startswith(stem + ".")]
             if not hits:
-                raise ValueError(f"freeze: prefix {prefix!r} matches no parameter; names look like {names[:3]}")
+                raise ConfigurationError(f"freeze: prefix {prefix!r} matches no parameter; names look like {names[:3]}")
             frozen += hits
         params = dict(self.named_parameters())
         for n in frozen:
@@ -169,8 +171,8 @@ class SpeechTask(pl.LightningModule):
         accum = int(self.train_conf.accum_grad)
         current = self.trainer.accumulate_grad_batches
         if current not in (1, accum):
-            raise ValueError(f"gradient accumulation is set twice (trainer.accumulate_grad_batches={current}, "
-                             f"train_conf.accum_grad={accum}); set only train_conf.accum_grad")
+            raise ConfigurationError(f"gradient accumulation is set twice (trainer.accumulate_grad_batches={current}, "
+                                     f"train_conf.accum_grad={accum}); set only train_conf.accum_grad")
         # Lightning reads this attribute live (its GradientAccumulationScheduler sets it the same way)
         self.trainer.accumulate_grad_batches = accum
 
