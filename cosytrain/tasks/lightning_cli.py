@@ -228,18 +228,22 @@ def _check_yaml_files(args: Sequence[str]) -> None:
     """jsonargparse reports broken YAML without the file's name; name it (config files and overlays)."""
     import yaml
 
+    from cosytrain.utils.text_files import TextFileError, read_text
+
     for arg in args:
         value = arg.split("=", 1)[1] if arg.startswith("--") and "=" in arg else arg
         if not value.endswith((".yaml", ".yml")) or not Path(value).is_file():
             continue
         try:
-            yaml.safe_load(Path(value).read_text(encoding="utf-8"))
+            yaml.safe_load(read_text(value))  # not UTF-8: TextFileError naming file:line:column
         except yaml.MarkedYAMLError as err:
             mark = err.problem_mark
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
             raise ConfigError(f"{value}: not valid YAML{where}: {err.problem or err}") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"{value}: not valid YAML: {' '.join(str(err).split())}") from None
+        except TextFileError as err:
+            raise ConfigError(str(err)) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
