@@ -203,6 +203,13 @@ class SpeechTask(pl.LightningModule):
 
     def _shared_step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
         batch_size = _batch_size(batch)
+        instruct_len = batch.get("instruct_token_len") if isinstance(batch, Mapping) else None
+        if stage == "train" and isinstance(instruct_len, torch.Tensor):
+            # rows trained without an instruction in batches that carry instructions (collate pads them
+            # to length 0): a growing count means the corpus' instruct file misses utterances
+            for name, count in (("with", int((instruct_len > 0).sum())), ("without", int((instruct_len == 0).sum()))):
+                self.log(f"data/rows_{name}_instruct", float(count), on_step=True, on_epoch=True, reduce_fx="sum",
+                         batch_size=1)
         total = None
         for name, part in self.parts().items():
             out = part(batch, self.device)

@@ -201,6 +201,23 @@ def test_padding_keys_dtypes_and_order() -> None:
     assert torch.equal(spk["embedding"], spk["spk_embedding"]) and not torch.equal(spk["embedding"], batch["embedding"])
 
 
+def test_instruct_rows_mixed_with_plain_rows_keep_their_instructions() -> None:
+    """Upstream (and cosytrain before) emitted instruct_token only when EVERY row had one: one plain row in
+    the batch dropped the instructions of all the others. Rows without one are padded to length 0."""
+    rows = [make_row("ins", seconds=0.9, text="a b"), make_row("plain", seconds=0.6, text="c"),
+            make_row("empty", seconds=0.3, text="d")]
+    rows[0]["instruct"] = "speak slowly"
+    rows[2]["instruct"] = ""  # an empty instruct value: tokens [] as upstream, not a missing key
+    batch = P.collate(run_rows(rows))
+    assert batch["utts"] == ["ins", "plain", "empty"]
+    tok = ByteTokenizer()
+    assert batch["instruct_token_len"].tolist() == [len("speak slowly"), 0, 0]
+    assert batch["instruct_token"].dtype == torch.int64 and batch["instruct_token_len"].dtype == torch.int32
+    assert batch["instruct_token"][0].tolist() == tok.encode("speak slowly")
+    assert torch.all(batch["instruct_token"][1:] == 0)
+    assert "instruct_token" not in P.collate(run_rows([make_row("p1"), make_row("p2", seconds=0.6)]))
+
+
 def test_vocoder_mode_adds_speech_and_pitch() -> None:
     feat = FeatureConfig(vocoder=True, truncate_length=256 * 40)
     rows = [make_row("long", seconds=0.9), make_row("short", seconds=0.2)]

@@ -12,7 +12,7 @@ import torch
 
 from cosytrain.tasks.lightning_cli import build_trainer
 from cosytrain.tasks.speech_task import FlowTask, LLMTask, SpeechTask
-from tests.tasks._toy import StepRecorder, ToyDataModule, ToyPart, read_scalars
+from tests.tasks._toy import StepRecorder, ToyDataModule, ToyPart, read_scalars, toy_batches
 
 REPO = Path(__file__).resolve().parents[2]
 QUIET = dict(accelerator="cpu", enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1,
@@ -185,3 +185,19 @@ def test_zero_helper_splits_parts_by_prefix(tmp_path):
     assert list(flow) == ["b.bias"] and flow["b.bias"].dtype == torch.float32
     with pytest.raises(NotADirectoryError):
         consolidate(tmp_path / "llm.pt", tmp_path / "out.ckpt")
+
+
+def test_rows_without_instruct_are_counted(tmp_path):
+    """collate pads rows without an instruction to length 0 in batches that carry instructions; the task
+    counts those rows (data/rows_without_instruct) so a half-covered instruct file is visible."""
+    dm = ToyDataModule(num_batches=2)
+    batches = toy_batches(2)
+    for b, lens in zip(batches, ([3, 0, 0, 2], [0, 0, 0, 1])):
+        b["instruct_token_len"] = torch.tensor(lens, dtype=torch.int32)
+    dm.train_dataloader = lambda: torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False)
+    build_trainer(max_steps=2, default_root_dir=str(tmp_path), limit_val_batches=0, enable_checkpointing=False,
+                  **QUIET).fit(_task(), dm)
+    tags = read_scalars(tmp_path)
+    assert [v for _, v in tags["data/rows_without_instruct_step"]] == [2.0, 3.0]
+    assert [v for _, v in tags["data/rows_with_instruct_step"]] == [2.0, 1.0]
+    assert tags["data/rows_without_instruct_epoch"][-1][1] == 5.0
