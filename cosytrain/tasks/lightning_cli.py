@@ -27,7 +27,7 @@ import re
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Sequence
 
 SUBCOMMANDS = ("fit", "validate", "test")
 DEFAULT_RUN_DIR = "runs/cosytrain"
@@ -96,24 +96,13 @@ def prepare_trainer_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 def build_trainer(**kwargs: Any):
     """A Trainer with cosytrain's conventions, for use from Python (tests, notebooks)."""
-    from lightning.pytorch import Trainer
-
-    return Trainer(**prepare_trainer_kwargs(kwargs))
+    return _trainer_class()(**prepare_trainer_kwargs(kwargs))
 
 
 def _trainer_class():
-    from lightning.pytorch import Trainer
-
-    class CosyTrainer(Trainer):
-        """Lightning's ``Trainer`` whose ``precision`` also accepts cosytrain's ``auto``.
-
-        LightningCLI types ``trainer.precision`` from the Trainer signature, which has no ``auto``;
-        the value is resolved (``cosytrain.tasks.precision.resolve_auto_precision``) before the
-        Trainer is built, so Lightning itself never sees it.
-        """
-
-        def __init__(self, *args: Any, precision: Optional[Union[str, int]] = None, **kwargs: Any) -> None:
-            super().__init__(*args, precision=precision, **kwargs)
+    """``CosyTrainer``: records the ``ckpt_path`` of each stage (so ``init_from`` is not read on resume) and
+    accepts ``precision: auto`` (see ``cosytrain.tasks.init_from``)."""
+    from cosytrain.tasks.init_from import CosyTrainer
 
     return CosyTrainer
 

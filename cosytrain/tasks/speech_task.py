@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from cosytrain.errors import ConfigurationError
+from cosytrain.tasks.init_from import InitFrom
 from cosytrain.tasks.optim import TrainConf, build_optimization
 from cosytrain.tasks.precision import loss_scale
 
@@ -110,7 +111,9 @@ class SpeechTask(pl.LightningModule):
         train_conf: upstream's ``train_conf`` optimisation keys (``optim``, ``optim_conf``,
             ``scheduler``, ``scheduler_conf``, ``grad_clip``, ``accum_grad``).
         freeze: parameter-name prefixes to freeze, with the part prefix (``llm.text_encoder``).
-        init_from: an upstream model directory; weights only, strict, checked now (before training).
+        init_from: an upstream model directory; weights only, strict, read and checked when the run is
+            set up (before step 1) and NOT read when the run resumes from a checkpoint (``ckpt_path``),
+            which holds every weight (``cosytrain.tasks.init_from``). ``load_init_from()`` reads it now.
         step_seed: re-seed torch's, python's and numpy's RNGs before every training batch from (step_seed, step, micro-batch,
             rank), and before every validation batch from (step_seed, batch index). Dropout, the flow's
             random times/noise etc. then depend only on the position in training, so a run resumed
@@ -139,15 +142,21 @@ class SpeechTask(pl.LightningModule):
                 setattr(self, name, part)
                 self.part_names.append(name)
         self.train_conf = TrainConf.from_dict(train_conf)
-        if init_from:
-            for name in self.part_names:
-                load_part_weights(name, getattr(self, name), init_from)
+        self._init_from = InitFrom(init_from, self._load_parts)
         self.frozen = self._freeze(freeze or [])
         self.step_seed = step_seed
         self.skipped_steps = 0
         self.last_grad_norm: dict[str, float] = {}
 
     # ------------------------------------------------------------------ setup
+    def _load_parts(self, model_dir: str) -> None:
+        for name in self.part_names:
+            load_part_weights(name, getattr(self, name), model_dir)
+
+    def load_init_from(self) -> None:
+        """Read ``init_from`` now (the trainer does it at setup unless the run resumes)."""
+        self._init_from.load_now()
+
     def parts(self) -> dict[str, nn.Module]:
         return {name: getattr(self, name) for name in self.part_names}
 
@@ -166,6 +175,7 @@ class SpeechTask(pl.LightningModule):
         return sorted(set(frozen))
 
     def setup(self, stage: str) -> None:
+        self._init_from.on_setup(self.trainer)
         if stage != "fit":
             return
         accum = int(self.train_conf.accum_grad)
@@ -189,6 +199,18 @@ class SpeechTask(pl.LightningModule):
         torch.manual_seed(seed)  # also seeds every CUDA device
         random.seed(seed)  # upstream's flow draws its prompt-condition masks from python's random
         np.random.seed(seed % 2**32)
+
+    def on_train_start(self) -> None:
+        self._init_from.after_restore(self.trainer)
+
+    def on_validation_start(self) -> None:
+        self._init_from.after_restore(self.trainer)
+
+    def on_test_start(self) -> None:
+        self._init_from.after_restore(self.trainer)
+
+    def on_predict_start(self) -> None:
+        self._init_from.after_restore(self.trainer)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         accum = int(self.train_conf.accum_grad)
@@ -274,6 +296,7 @@ class SpeechTask(pl.LightningModule):
         checkpoint["cosytrain"] = {"skipped_steps": self.skipped_steps, "parts": list(self.part_names)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._init_from.on_restored()
         self.skipped_steps = int(checkpoint.get("cosytrain", {}).get("skipped_steps", 0))
 
 

@@ -106,7 +106,7 @@ def test_pickled_code_in_weights_is_refused_by_init_from(clean_dir: Path, tmp_pa
     marker = tmp_path / "pwned"
     torch.save(_TouchOnLoad(marker), model_dir / "llm.pt")
     with pytest.raises(ModelDirError) as err:  # one line naming the file and the refused callable
-        SpeechTask(llm=tiny.build("llm"), init_from=str(model_dir))
+        SpeechTask(llm=tiny.build("llm"), init_from=str(model_dir)).load_init_from()  # what setup() runs
     assert "llm.pt" in str(err.value) and "GLOBAL" in str(err.value) and "\n" not in str(err.value)
     assert not marker.exists()
 

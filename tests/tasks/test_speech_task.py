@@ -90,18 +90,56 @@ def test_init_from_loads_weights_strictly_and_names_bad_keys(tmp_path):
     sd = src.state_dict()
     torch.save({**sd, "epoch": 3, "step": 100}, tmp_path / "llm.pt")  # upstream adds epoch/step ints
     task = _task(init_from=str(tmp_path))
+    assert not all(torch.equal(v, task.llm.state_dict()[k]) for k, v in sd.items())  # read at setup, not here
+    task.load_init_from()
     assert all(torch.equal(v, task.llm.state_dict()[k]) for k, v in sd.items())
 
     bad = tmp_path / "bad"
     bad.mkdir()
     torch.save(ToyPart(vocab=20).state_dict(), bad / "llm.pt")
     with pytest.raises(ValueError, match=r"llm\.embed\.weight checkpoint \[20, 32\] vs model \[16, 32\] \(vocabulary"):
-        _task(init_from=str(bad))
+        _task(init_from=str(bad)).load_init_from()
     torch.save({k: v for k, v in sd.items() if k != "out.bias"}, bad / "llm.pt")
-    with pytest.raises(ValueError, match="missing in checkpoint: llm.out.bias"):
-        _task(init_from=str(bad))
+    with pytest.raises(ValueError, match="missing in checkpoint: llm.out.bias"):  # also at setup, before step 1
+        build_trainer(max_steps=1, default_root_dir=str(tmp_path / "run"), **QUIET).fit(
+            _task(init_from=str(bad)), ToyDataModule(num_batches=1))
+    assert not (tmp_path / "run" / "checkpoints").exists()
     with pytest.raises(FileNotFoundError, match="flow.pt"):
-        FlowTask(flow=ToyPart(), init_from=str(tmp_path))
+        FlowTask(flow=ToyPart(), init_from=str(tmp_path)).load_init_from()
+
+
+def test_resume_does_not_read_init_from(tmp_path):
+    """Fine-tune from a model directory, move the directory away, resume with ckpt_path='last': the
+    checkpoint alone suffices and the result equals an uninterrupted run (before: FileNotFoundError,
+    because init_from was read again in SpeechTask.__init__)."""
+    torch.manual_seed(5)
+    base = tmp_path / "pretrained"
+    base.mkdir()
+    torch.save(ToyPart(dropout=0.3).state_dict(), base / "llm.pt")
+    part = {"dropout": 0.3}
+    rec_a = StepRecorder()
+    build_trainer(max_steps=6, default_root_dir=str(tmp_path / "a"), callbacks=[rec_a], **QUIET).fit(
+        _task(part=part, init_from=str(base)), ToyDataModule(num_batches=3))
+    run = tmp_path / "b"
+    rec_b1, rec_b2 = StepRecorder(), StepRecorder()
+    build_trainer(max_steps=3, default_root_dir=str(run), callbacks=[rec_b1], **QUIET).fit(
+        _task(part=part, init_from=str(base)), ToyDataModule(num_batches=3))
+    base.rename(tmp_path / "moved")
+    build_trainer(max_steps=6, default_root_dir=str(run), callbacks=[rec_b2], **QUIET).fit(
+        _task(seed=1, part=part, init_from=str(base)), ToyDataModule(num_batches=3), ckpt_path="last")
+    assert [r["loss"] for r in rec_b1.rows + rec_b2.rows] == [r["loss"] for r in rec_a.rows]
+    assert torch.equal(rec_a.rows[-1]["weight"], rec_b2.rows[-1]["weight"])
+
+
+def test_ckpt_path_last_without_a_checkpoint_still_starts_from_init_from(tmp_path):
+    """`--ckpt_path last` on a first run restores nothing: init_from must still be loaded (not random weights)."""
+    torch.manual_seed(5)
+    sd = ToyPart().state_dict()
+    torch.save(sd, tmp_path / "llm.pt")
+    task = _task(init_from=str(tmp_path), train_conf={"optim_conf": {"lr": 0.0}, "scheduler": "constantlr"})
+    build_trainer(max_steps=1, default_root_dir=str(tmp_path / "run"), limit_val_batches=0, **QUIET).fit(
+        task, ToyDataModule(num_batches=1), ckpt_path="last")
+    assert all(torch.equal(v, task.llm.state_dict()[k]) for k, v in sd.items())
 
 
 def test_two_parts_in_one_run(tmp_path):
