@@ -38,7 +38,19 @@ Mel source: ``mel_source='ground_truth'`` (upstream) trains on the data's mels; 
 mels a trained, frozen flow generates from the batch's speech tokens (``flow_dir``: a model
 directory). The flow mel of each utterance is resized to its ground-truth length; that only makes
 sense when the audio is not cropped, so the flow path refuses utterances whose flow length differs
-by more than 10 % (set the data's ``truncate_length`` to at least the longest utterance).
+by more than 10 % (set the data's ``truncate_length`` to at least the longest utterance). The frozen
+flow is outside the module tree, so it follows the module's device in every stage's start hook
+(fit, validate, test, predict), not only in ``on_fit_start``.
+
+F0 targets: the data's ``pitch_feat`` come from ``cosytrain.data.features.compute_f0``, which is
+upstream's pyworld (harvest + stonemask) when pyworld is importable and a YIN stand-in otherwise.
+The backend is logged (console, TensorBoard text ``data/f0_backend``, hparams). Fine-tuning
+pretrained weights (``init_from``) toward the stand-in's different F0 would silently move the
+official F0 predictor, so it is refused unless ``allow_yin_f0_stand_in: true``; install the
+``vocoder`` extra (``pip install 'cosytrain[vocoder]'``, pyworld wheels) for the exact targets.
+
+``init_from`` is read when the run is set up and not when it resumes from a checkpoint
+(``cosytrain.tasks.init_from``).
 """
 
 from __future__ import annotations
@@ -60,6 +72,7 @@ from cosytrain.models.hift.discriminator import (MultiPeriodDiscriminator, Multi
                                                  MultiResSpecDiscriminator)
 from cosytrain.models.hift.losses import HiFiGanLoss, MelConfig
 from cosytrain.models.hift.weight_norm import strip_generator_prefix
+from cosytrain.tasks.init_from import InitFrom
 from cosytrain.tasks.optim import TrainConf, build_optimizer, build_scheduler
 from cosytrain.tasks.precision import normalize_precision
 
@@ -258,6 +271,8 @@ class HiFTTask(pl.LightningModule):
         step_seed: re-seed the global torch RNG per batch from (step_seed, step, rank); None = never.
         log_media_every_n_steps: audio samples and mel images to TensorBoard every N steps (0 = off);
             validation logs its first batch every time.
+        allow_yin_f0_stand_in: train from ``init_from`` weights even though pyworld is missing and the
+            F0 targets come from the YIN stand-in (see the module doc); default False refuses that.
     """
 
     def __init__(
@@ -278,6 +293,7 @@ class HiFTTask(pl.LightningModule):
         flow_dir: Optional[str] = None,
         step_seed: Optional[int] = 1234,
         log_media_every_n_steps: int = 500,
+        allow_yin_f0_stand_in: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["hift", "discriminator"])
@@ -313,8 +329,9 @@ class HiFTTask(pl.LightningModule):
         self.skipped_steps = {"generator": 0, "discriminator": 0}
         self.last_grad_norm: dict[str, float] = {}
         self.last_step_taken: dict[str, bool] = {}
-        if init_from:
-            self.load_init_weights(init_from)
+        self._init_from = InitFrom(init_from, self.load_init_weights)
+        self.allow_yin_f0_stand_in = bool(allow_yin_f0_stand_in)
+        self.f0_backend: Optional[str] = None
 
     # ------------------------------------------------------------------ weights
     def load_init_weights(self, init_from: str | Path) -> None:
@@ -395,10 +412,31 @@ class HiFTTask(pl.LightningModule):
             raise ConfigurationError("HiFTTask needs vocoder batches (speech, pitch_feat): set"
                                      " data.init_args.vocoder: true")
 
+    def _check_f0_backend(self) -> None:
+        from cosytrain.tasks.f0_backend import check_f0_backend
+
+        self.f0_backend = check_f0_backend(self.hparams.get("init_from"), self.allow_yin_f0_stand_in)
+
     def setup(self, stage: str) -> None:
         if stage == "fit":
             self._check_data()
+            self._check_f0_backend()  # before init_from is read: refusing costs nothing then
+        self._init_from.on_setup(self.trainer)
         self._resolve_precision()  # validate/test too: the trainer's plugin must not autocast on top of ours
+
+    def _log_f0_backend(self) -> None:
+        from cosytrain.tasks.f0_backend import log_f0_backend
+
+        log_f0_backend(self.trainer, self.f0_backend, int(self.global_step))
+
+    def _flow_to_device(self) -> None:
+        """The frozen flow is outside the module tree: move it with the module, in every stage."""
+        for source in self._flow_source:
+            source.to(self.device)
+
+    def load_init_from(self) -> None:
+        """Read ``init_from`` now (the trainer does it at setup unless the run resumes)."""
+        self._init_from.load_now()
 
     def on_fit_start(self) -> None:
         device = self.device.type
@@ -411,8 +449,23 @@ class HiFTTask(pl.LightningModule):
                     scaler.load_state_dict(pending)
             self.scalers[name] = scaler
         self._pending_scalers = None
-        for source in self._flow_source:
-            source.to(self.device)
+        self._flow_to_device()
+        self._log_f0_backend()
+
+    def on_train_start(self) -> None:
+        self._init_from.after_restore(self.trainer)
+
+    def on_validation_start(self) -> None:
+        self._init_from.after_restore(self.trainer)
+        self._flow_to_device()  # `validate` never runs on_fit_start
+
+    def on_test_start(self) -> None:
+        self._init_from.after_restore(self.trainer)
+        self._flow_to_device()
+
+    def on_predict_start(self) -> None:
+        self._init_from.after_restore(self.trainer)
+        self._flow_to_device()
 
     def autocast(self):
         """The autocast context of this run's precision (nothing for 32-true)."""
@@ -560,9 +613,11 @@ class HiFTTask(pl.LightningModule):
             "precision": self.run_precision,
             "scalers": {name: (s.state_dict() if s is not None else None) for name, s in self.scalers.items()},
             "skipped_steps": dict(self.skipped_steps),
+            "f0_backend": self.f0_backend,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._init_from.on_restored()
         extra = checkpoint.get("hift_task", {})
         self.skipped_steps.update({k: int(v) for k, v in extra.get("skipped_steps", {}).items()})
         scalers = {k: v for k, v in (extra.get("scalers") or {}).items() if v}
