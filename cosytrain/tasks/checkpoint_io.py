@@ -30,7 +30,20 @@ from cosytrain.utils.atomic import atomic_torch_save
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """``TorchCheckpointIO`` whose save is a same-directory temp file + fsync + ``os.replace``."""
+    """``TorchCheckpointIO`` whose save is a same-directory temp file + fsync + ``os.replace``, and whose
+    load is always ``weights_only=True``: Lightning before 2.6 loads ``ckpt_path`` with
+    ``weights_only=False``, which runs any code pickled into the file (seen with 2.5.0)."""
+
+    def load_checkpoint(self, path: _PATH, map_location: Optional[Any] = None, weights_only: Optional[bool] = None
+                        ) -> dict[str, Any]:
+        import torch
+        from lightning.fabric.utilities.cloud_io import get_filesystem
+
+        fs = get_filesystem(path)
+        if not fs.exists(path):
+            raise FileNotFoundError(f"checkpoint file {path} not found")
+        with fs.open(path, "rb") as f:
+            return torch.load(f, map_location=map_location, weights_only=True)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Optional[Any] = None) -> None:
         if storage_options is not None:

@@ -203,14 +203,53 @@ def test_flow_stage_callbacks_log_mel_images_and_skipped_counts(tmp_path):
     assert tags["data/skipped_total"][-1][1] == 4 and tags["data/skipped_too_long"][-1][1] == 3
 
 
-def test_step_checkpoint_keeps_one_current_last(tmp_path):
+@pytest.mark.parametrize("every,top_k,expected", [
+    (2, -1, ["epoch=0-step=2.ckpt", "epoch=0-step=3.ckpt", "last.ckpt"]),
+    (2, 1, ["epoch=0-step=3.ckpt", "last.ckpt"]),
+    (2, 0, ["last.ckpt"]),
+    (50, 0, ["last.ckpt"]),  # stopped before the first step trigger: only the epoch-end save (the sft recipe)
+])
+def test_step_checkpoint_keeps_one_current_last(tmp_path, every, top_k, expected):
     from cosytrain.tasks.callbacks import StepCheckpoint
 
-    build_trainer(max_steps=3, default_root_dir=str(tmp_path), callbacks=[StepCheckpoint(every_n_train_steps=2)],
-                  limit_val_batches=0, **QUIET).fit(_task(), ToyDataModule(num_batches=4))
+    build_trainer(max_steps=3, default_root_dir=str(tmp_path), limit_val_batches=0, **QUIET,
+                  callbacks=[StepCheckpoint(every_n_train_steps=every, save_top_k=top_k)]).fit(
+        _task(), ToyDataModule(num_batches=4))
     names = sorted(os.listdir(tmp_path / "checkpoints"))
-    assert names == ["epoch=0-step=2.ckpt", "epoch=0-step=3.ckpt", "last.ckpt"], names
-    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3
+    assert names == expected, names
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert last["global_step"] == 3
+    # the epoch stopped by max_steps is still open in last.ckpt (Lightning >= 2.6 would re-save it at train end
+    # as completed, and a resume would skip the rest of the epoch)
+    assert last["loops"]["fit_loop"]["epoch_progress"]["current"]["completed"] == 0
+    state = next(v for k, v in last["callbacks"].items() if k.startswith("StepCheckpoint"))
+    assert state["last_model_path"] == str(tmp_path / "checkpoints" / "last.ckpt")
+    if top_k:
+        assert state["best_model_path"] == str(tmp_path / "checkpoints" / "epoch=0-step=3.ckpt")
+
+
+def test_step_checkpoint_uses_only_public_lightning_api():
+    """setup.cfg allows any Lightning 2.x >= 2.4: StepCheckpoint may not touch ModelCheckpoint's or the
+    Trainer's private members (before: _should_skip_saving_checkpoint, _monitor_candidates,
+    _save_topk_checkpoint, _save_last_checkpoint). Its own private helpers are fine."""
+    import ast
+    import inspect
+    import textwrap
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from cosytrain.tasks.callbacks import StepCheckpoint
+
+    inherited = {n for n in dir(ModelCheckpoint) if n.startswith("_") and not n.startswith("__")}
+    inherited |= {n for n in vars(ModelCheckpoint(every_n_train_steps=1)) if n.startswith("_")}
+    tree = ast.parse(textwrap.dedent(inspect.getsource(StepCheckpoint)))
+    private = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            holder = ast.unparse(node.value)
+            if holder != "self" or node.attr in inherited:  # trainer._x, super()._x, or a Lightning self._x
+                private.append(f"{holder}.{node.attr}")
+    assert not private, private
 
 
 def test_zero_helper_splits_parts_by_prefix(tmp_path):
