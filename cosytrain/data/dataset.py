@@ -34,6 +34,10 @@ find its place in the stream. Here the batching is *planned* before any audio is
 Rows found bad only while streaming (a file changed under us, a feature failure) are dropped from
 their batch and counted; a batch left empty is replaced by the previous good batch of the worker,
 so the count never changes.
+
+Why one module over 450 lines: index, plan and loaders are one contract (equal batch counts on every
+rank, exact resume): the loader's position counts what the plan made from the index, and the
+invariants that make resume exact are easier to check when the three sit together.
 """
 
 from __future__ import annotations

@@ -142,7 +142,7 @@ def test_bad_config_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFix
 
 def test_model_dir_config_not_utf8_is_one_line(tmp_path: Path) -> None:
     """A model directory's cosyvoice.yaml edited in a legacy encoding: one UpstreamConfigError naming the line."""
-    from cosytrain.models.upstream_yaml import UpstreamConfigError, load_upstream_config
+    from cosytrain.modeldir import UpstreamConfigError, load_upstream_config
 
     (tmp_path / "cosyvoice.yaml").write_bytes(b"sample_rate: 22050\n# r\xe9glages\n")
     with pytest.raises(UpstreamConfigError) as err:

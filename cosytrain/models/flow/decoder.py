@@ -15,7 +15,6 @@ from torch import nn
 
 from cosytrain.errors import ConfigurationError
 from cosytrain.models.flow.blocks import (
-    BasicTransformerBlock,
     Block1D,
     CausalBlock1D,
     CausalConv1d,
@@ -27,6 +26,7 @@ from cosytrain.models.flow.blocks import (
     Upsample1D,
     mask_to_bias,
 )
+from cosytrain.models.flow.transformer_blocks import BasicTransformerBlock
 from cosytrain.models.transformer.mask import add_optional_chunk_mask
 
 
