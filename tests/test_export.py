@@ -253,7 +253,7 @@ def test_deepspeed_folder_without_deepspeed_is_a_clear_error(tmp_path: Path) -> 
 
 def test_a_real_lightning_checkpoint_of_the_speech_task(tmp_path: Path, base: Path) -> None:
     """What Lightning writes for cosytrain's task (hparams, loops, callbacks) loads weights-only and exports."""
-    pl = pytest.importorskip("lightning.pytorch")
+    import lightning.pytorch as pl  # a hard dependency: a broken import must fail, not skip
     from lightning.pytorch.callbacks import ModelCheckpoint
     from torch.utils.data import DataLoader
 

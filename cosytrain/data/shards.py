@@ -217,8 +217,10 @@ def read_data_list(path: str | os.PathLike) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data list {path} not found; run `python -m cosytrain prepare` to make it")
+    from cosytrain.utils.text_files import read_text
+
     out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in read_text(path).splitlines():  # a byte that is not UTF-8: one line naming file:line
         line = line.strip()
         if not line:
             continue

@@ -161,16 +161,68 @@ class StepCheckpoint(ModelCheckpoint):
     state of a run that stops between two triggers is lost, and a second ModelCheckpoint for the
     epoch end writes its own ``last-v1.ckpt``. One callback keeps a single ``last.ckpt`` that is
     always the newest state, which is what ``--ckpt_path last`` resumes from.
+
+    Step saves are ``ModelCheckpoint``'s own; the extra save at an epoch end uses public API only
+    (callback hooks, ``format_checkpoint_name``, ``trainer.save_checkpoint``,
+    ``trainer.strategy.remove_checkpoint``, the ``best_model_path``/``last_model_path`` attributes),
+    so it does not break on Lightning's private helpers anywhere in the range ``setup.cfg`` allows
+    (tested on 2.4.0 and 2.6). It keeps every checkpoint (``save_top_k=-1``), the newest (1) or only
+    ``last.ckpt`` (0); best-k by a metric is a plain ``ModelCheckpoint(monitor=...)`` beside it.
     """
 
     def __init__(self, every_n_train_steps: int = 1000, save_top_k: int = -1, **kwargs: Any) -> None:
+        from cosytrain.errors import ConfigurationError
+
+        if kwargs.get("monitor") is not None:
+            raise ConfigurationError("StepCheckpoint saves by step, not by a metric; for the best k by "
+                                     f"{kwargs['monitor']!r} add a lightning ModelCheckpoint with monitor beside it")
+        if save_top_k not in (-1, 0, 1):
+            raise ConfigurationError(f"StepCheckpoint save_top_k={save_top_k}: use -1 (keep all), 1 (the newest) or"
+                                     " 0 (only last.ckpt)")
         kwargs.setdefault("save_last", True)
         super().__init__(every_n_train_steps=every_n_train_steps, save_top_k=save_top_k, **kwargs)
+        self._saved_step: int | None = None  # global step whose state this callback saved last
+        self._in_step_trigger = False
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._in_step_trigger = True
+        try:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        finally:
+            self._in_step_trigger = False
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        if self._in_step_trigger:  # the step trigger above is saving right now
+            self._saved_step = trainer.global_step
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
-        if self._should_skip_saving_checkpoint(trainer):  # e.g. a step trigger just saved this step
+        if (trainer.fast_dev_run or trainer.sanity_checking or trainer.global_step == 0
+                or self._saved_step == trainer.global_step):  # nothing new since the last save
             return
-        candidates = self._monitor_candidates(trainer)
-        self._save_topk_checkpoint(trainer, candidates)
-        self._save_last_checkpoint(trainer, candidates)
+        self._save_epoch_end(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Lightning >= 2.6 writes last.ckpt again here unless ITS last-save ran; after our epoch-end save
+        # that second copy would record the epoch as finished and a mid-epoch resume would skip its rest
+        if self._saved_step != trainer.global_step:
+            super().on_train_end(trainer, pl_module)
+
+    def _save_epoch_end(self, trainer: pl.Trainer) -> None:
+        metrics = dict(trainer.callback_metrics)  # named like ModelCheckpoint names its own files
+        for key, default in (("epoch", trainer.current_epoch), ("step", trainer.global_step)):
+            value = metrics.get(key)
+            metrics[key] = value.int() if isinstance(value, torch.Tensor) else torch.tensor(default)
+        if self.save_top_k != 0:
+            path = self.format_checkpoint_name(metrics)
+            previous, self.best_model_path = self.best_model_path, path  # part of the state being saved
+            trainer.save_checkpoint(path, self.save_weights_only)
+            if self.save_top_k == 1 and previous and previous != path:
+                trainer.strategy.remove_checkpoint(previous)
+        if self.save_last:
+            self.last_model_path = self.format_checkpoint_name(metrics, self.CHECKPOINT_NAME_LAST)
+            trainer.save_checkpoint(self.last_model_path, self.save_weights_only)
+        self._saved_step = trainer.global_step

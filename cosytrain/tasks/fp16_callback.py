@@ -23,6 +23,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from cosytrain.errors import ConfigurationError
 from cosytrain.evaluation.fp16_batches import DEFAULT_SEED, batch_size, take_utterances
 from cosytrain.evaluation.fp16_check import run_fp16_check
 from cosytrain.evaluation.fp16_figures import CALLBACK_STATE_KEY, flat_figures, resolve_tolerances
@@ -78,13 +79,14 @@ class FP16EvalCallback(pl.Callback):
                  seed: int = DEFAULT_SEED, log_media: bool = True, speech: bool = True,
                  speaker_encoder: str = "auto", asr: Optional[str] = None) -> None:
         if int(every_n_validations) < 1:
-            raise ValueError(f"every_n_validations must be at least 1, got {every_n_validations}")
+            raise ConfigurationError(f"every_n_validations must be at least 1, got {every_n_validations}")
         if int(num_utterances) < 1:
-            raise ValueError(f"num_utterances must be at least 1, got {num_utterances}")
+            raise ConfigurationError(f"num_utterances must be at least 1, got {num_utterances}")
         if on_fail not in ("warn", "stop"):
-            raise ValueError(f"on_fail={on_fail!r}: use 'warn' or 'stop'")
+            raise ConfigurationError(f"on_fail={on_fail!r}: use 'warn' or 'stop'")
         if hift_from is not None and not (Path(hift_from) / "hift.pt").is_file():
-            raise ValueError(f"hift_from={hift_from!r}: no hift.pt there; give a model directory holding the vocoder")
+            raise ConfigurationError(f"hift_from={hift_from!r}: no hift.pt there; give a model directory holding the"
+                                     f" vocoder")
         self.every_n_validations = int(every_n_validations)
         self.num_utterances = int(num_utterances)
         self.tolerances = dict(tolerances or {})

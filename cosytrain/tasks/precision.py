@@ -20,6 +20,8 @@ import torch
 from lightning.pytorch.accelerators import Accelerator, CPUAccelerator, CUDAAccelerator
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 
+from cosytrain.errors import ConfigurationError
+
 log = logging.getLogger(__name__)
 
 # the spellings Lightning accepts for the three precisions we own
@@ -58,7 +60,8 @@ def autocast_device(accelerator: Any) -> str:
             return "cpu"
         if isinstance(accelerator, CUDAAccelerator):
             return "cuda"
-        raise ValueError(f"precision: cannot tell the autocast device of accelerator {type(accelerator).__name__}")
+        raise ConfigurationError(f"precision: cannot tell the autocast device of accelerator"
+                                 f" {type(accelerator).__name__}")
     name = str(accelerator or "auto").lower()
     if name == "cpu":
         return "cpu"
@@ -72,7 +75,7 @@ def autocast_device(accelerator: Any) -> str:
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return "mps"
         return "cpu"
-    raise ValueError(f"precision: unsupported accelerator {accelerator!r}; use cpu, gpu/cuda, mps or auto")
+    raise ConfigurationError(f"precision: unsupported accelerator {accelerator!r}; use cpu, gpu/cuda, mps or auto")
 
 
 def _brings_own_precision(strategy: Any) -> bool:
@@ -101,7 +104,7 @@ def precision_plugin(precision: Any, accelerator: Any = "auto") -> Precision:
     precision = resolve_auto_precision(precision, accelerator)
     name = normalize_precision(precision)
     if name is None:
-        raise ValueError(f"precision={precision!r}: cosytrain supports '16-mixed', 'bf16-mixed' or '32-true'")
+        raise ConfigurationError(f"precision={precision!r}: cosytrain supports '16-mixed', 'bf16-mixed' or '32-true'")
     if name == "32-true":
         return Precision()
     return CosyMixedPrecision(name, device=autocast_device(accelerator))

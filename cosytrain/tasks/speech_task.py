@@ -33,6 +33,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from cosytrain.errors import ConfigurationError
+from cosytrain.tasks.init_from import InitFrom
 from cosytrain.tasks.lora import Adapters
 from cosytrain.tasks.optim import TrainConf, build_optimization
 from cosytrain.tasks.precision import loss_scale
@@ -72,7 +74,10 @@ class SpeechTask(pl.LightningModule):
         train_conf: upstream's ``train_conf`` optimisation keys (``optim``, ``optim_conf``,
             ``scheduler``, ``scheduler_conf``, ``grad_clip``, ``accum_grad``).
         freeze: parameter-name prefixes to freeze, with the part prefix (``llm.text_encoder``).
-        init_from: an upstream model directory; weights only, strict, checked now (before training).
+        init_from: an upstream model directory; weights only, strict, read and checked when the run is
+            set up (before step 1) and NOT read when the run resumes from a checkpoint (``ckpt_path``),
+            which holds every weight (``cosytrain.tasks.init_from``). ``load_init_from()`` reads it now.
+            With ``lora`` it is read at construction, on resume too: LoRA checkpoints hold only the adapters.
         lora: LoRA adapters per part (``{llm: {r: 16, alpha: 32, dropout: 0.05, target_modules: [...],
             train: [...]}}``, see :class:`cosytrain.models.lora.LoRASpec`): attached right after the
             ``init_from`` weights load; only the adapters (and ``train`` prefixes) train, and checkpoints
@@ -98,20 +103,21 @@ class SpeechTask(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=list(PART_NAMES))
         if llm is None and flow is None:
-            raise ValueError("SpeechTask needs at least one part: set model.init_args.llm and/or model.init_args.flow")
+            raise ConfigurationError("SpeechTask needs at least one part: set model.init_args.llm and/or"
+                                     " model.init_args.flow")
         self.part_names: list[str] = []
         for name, part in (("llm", llm), ("flow", flow)):
             if part is not None:
                 setattr(self, name, part)
                 self.part_names.append(name)
         self.train_conf = TrainConf.from_dict(train_conf)
+        self._init_from = InitFrom(init_from, self._load_parts)
         self.adapters = Adapters.from_config(lora, self.part_names, init_from)
         if self.adapters is not None:
+            # LoRA checkpoints hold the adapters, not the frozen base: the base is read now (on resume
+            # too), and the adapters attach after it, never before (models/lora.py)
             self.adapters.check_base()
-        if init_from:
-            for name in self.part_names:
-                load_part_weights(name, getattr(self, name), init_from)
-        if self.adapters is not None:  # after the base weights, never before (models/lora.py)
+            self._init_from.load_now()
             self.adapters.attach(self)
         self.frozen = self._freeze(freeze or [])
         self.step_seed = step_seed
@@ -119,6 +125,14 @@ class SpeechTask(pl.LightningModule):
         self.last_grad_norm: dict[str, float] = {}
 
     # ------------------------------------------------------------------ setup
+    def _load_parts(self, model_dir: str) -> None:
+        for name in self.part_names:
+            load_part_weights(name, getattr(self, name), model_dir)
+
+    def load_init_from(self) -> None:
+        """Read ``init_from`` now (the trainer does it at setup unless the run resumes)."""
+        self._init_from.load_now()
+
     def parts(self) -> dict[str, nn.Module]:
         return {name: getattr(self, name) for name in self.part_names}
 
@@ -129,7 +143,7 @@ class SpeechTask(pl.LightningModule):
             stem = prefix.rstrip(".")
             hits = [n for n in names if n == stem or n.startswith(stem + ".")]
             if not hits:
-                raise ValueError(f"freeze: prefix {prefix!r} matches no parameter; names look like {names[:3]}")
+                raise ConfigurationError(f"freeze: prefix {prefix!r} matches no parameter; names look like {names[:3]}")
             frozen += hits
         params = dict(self.named_parameters())
         for n in frozen:
@@ -137,13 +151,14 @@ class SpeechTask(pl.LightningModule):
         return sorted(set(frozen))
 
     def setup(self, stage: str) -> None:
+        self._init_from.on_setup(self.trainer)
         if stage != "fit":
             return
         accum = int(self.train_conf.accum_grad)
         current = self.trainer.accumulate_grad_batches
         if current not in (1, accum):
-            raise ValueError(f"gradient accumulation is set twice (trainer.accumulate_grad_batches={current}, "
-                             f"train_conf.accum_grad={accum}); set only train_conf.accum_grad")
+            raise ConfigurationError(f"gradient accumulation is set twice (trainer.accumulate_grad_batches={current}, "
+                                     f"train_conf.accum_grad={accum}); set only train_conf.accum_grad")
         # Lightning reads this attribute live (its GradientAccumulationScheduler sets it the same way)
         self.trainer.accumulate_grad_batches = accum
 
@@ -161,6 +176,18 @@ class SpeechTask(pl.LightningModule):
         random.seed(seed)  # upstream's flow draws its prompt-condition masks from python's random
         np.random.seed(seed % 2**32)
 
+    def on_train_start(self) -> None:
+        self._init_from.after_restore(self.trainer)
+
+    def on_validation_start(self) -> None:
+        self._init_from.after_restore(self.trainer)
+
+    def on_test_start(self) -> None:
+        self._init_from.after_restore(self.trainer)
+
+    def on_predict_start(self) -> None:
+        self._init_from.after_restore(self.trainer)
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         accum = int(self.train_conf.accum_grad)
         self._reseed(0, self.global_step, batch_idx % accum, self.global_rank)
@@ -174,6 +201,13 @@ class SpeechTask(pl.LightningModule):
 
     def _shared_step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
         batch_size = _batch_size(batch)
+        instruct_len = batch.get("instruct_token_len") if isinstance(batch, Mapping) else None
+        if stage == "train" and isinstance(instruct_len, torch.Tensor):
+            # rows trained without an instruction in batches that carry instructions (collate pads them
+            # to length 0): a growing count means the corpus' instruct file misses utterances
+            for name, count in (("with", int((instruct_len > 0).sum())), ("without", int((instruct_len == 0).sum()))):
+                self.log(f"data/rows_{name}_instruct", float(count), on_step=True, on_epoch=True, reduce_fx="sum",
+                         batch_size=1)
         total = None
         for name, part in self.parts().items():
             out = part(batch, self.device)
@@ -242,6 +276,7 @@ class SpeechTask(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.adapters is not None:
             self.adapters.fill(checkpoint, self)
+        self._init_from.on_restored()
         self.skipped_steps = int(checkpoint.get("cosytrain", {}).get("skipped_steps", 0))
 
 

@@ -44,6 +44,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from cosytrain.errors import ConfigurationError
 from cosytrain.evaluation.synthesis import CONDITIONS, SynthesisItem, average, generation_of, score, synthesize_items
 
 __all__ = ["SynthesisCallback", "SynthesisWarning"]
@@ -96,15 +97,15 @@ class SynthesisCallback(pl.Callback):
                  speaker_encoder: str = "auto", asr: Optional[str] = None, seed: int = 1986, max_pool: int = 64,
                  log_audio: bool = True, write_report: bool = True) -> None:
         if int(every_n_validations) < 1 or int(num_utterances) < 1:
-            raise ValueError("SynthesisCallback: every_n_validations and num_utterances must be at least 1")
+            raise ConfigurationError("SynthesisCallback: every_n_validations and num_utterances must be at least 1")
         unknown = [c for c in conditions if c not in CONDITIONS]
         if unknown:
-            raise ValueError(f"SynthesisCallback: unknown conditions {unknown}; choose from {list(CONDITIONS)}")
+            raise ConfigurationError(f"SynthesisCallback: unknown conditions {unknown}; choose from {list(CONDITIONS)}")
         if model_dir is not None and not Path(model_dir).is_dir():
-            raise ValueError(f"SynthesisCallback: model_dir {model_dir} is not a directory")
+            raise ConfigurationError(f"SynthesisCallback: model_dir {model_dir} is not a directory")
         if vocoder not in ("auto", "griffin_lim") and not (Path(vocoder) / "hift.pt").is_file():
-            raise ValueError(f"SynthesisCallback: vocoder={vocoder!r}: use 'auto', 'griffin_lim' or a model directory"
-                             " holding hift.pt")
+            raise ConfigurationError(f"SynthesisCallback: vocoder={vocoder!r}: use 'auto', 'griffin_lim' or a model"
+                                     " directory holding hift.pt")
         if asr is not None:
             from cosytrain.evaluation.asr import load_asr
 

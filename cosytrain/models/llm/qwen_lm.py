@@ -24,6 +24,8 @@ from cosytrain.models.llm.transformer_lm import TransformerLM
 from cosytrain.models.transformer.label_smoothing_loss import LabelSmoothingLoss
 from cosytrain.models.transformer.mask import make_pad_mask
 
+from cosytrain.errors import ConfigurationError
+
 logger = logging.getLogger(__name__)
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -122,7 +124,7 @@ class Qwen2LM(TransformerLM):
         self.speech_embedding = nn.Embedding(self.num_classes, llm_input_size)
         self.sampling = sampling
         if len(mix_ratio) != 2 or min(mix_ratio) <= 0:
-            raise ValueError(f"mix_ratio must be two positive ints [text, speech], got {mix_ratio!r}")
+            raise ConfigurationError(f"mix_ratio must be two positive ints [text, speech], got {mix_ratio!r}")
         self.mix_ratio = [int(mix_ratio[0]), int(mix_ratio[1])]
         # every class >= speech_token_size ends unistream generation (upstream's vllm stop ids)
         self.stop_token_ids = [speech_token_size + i for i in range(self.num_special)]
