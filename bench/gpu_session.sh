@@ -60,9 +60,11 @@ stamp "environment ready"
 if [ "$SMOKE" = 1 ]; then
     STEPS=1; WARM=1; FRAMES_OFFICIAL=600; TOKENS=20; REPEATS=1; ATT_LENS=50; VS="--steps 1 --warmup 1 --batch 2"
     TIER_T=900; SMALL_T=900; OFFICIAL_T=900; INFER_T=600; ATT_T=600; VS_T=900; FEAT_T=300
+    V2_LLM=conf/model/llm_v2_tiny.yaml; QWEN=conf/model/qwen2_tiny  # the official size is too slow for a CPU smoke
 else  # seconds per step: about 520 together, inside the tool's 600 s per command
     STEPS=10; WARM=3; FRAMES_OFFICIAL=12000; TOKENS=200; REPEATS=3; ATT_LENS=300,1000; VS="--steps 8 --warmup 3 --batch 16"
     TIER_T=150; SMALL_T=100; OFFICIAL_T=100; INFER_T=60; ATT_T=30; VS_T=60; FEAT_T=15
+    V2_LLM=conf/model/llm_v2.yaml; QWEN=bench/qwen2_0.5b  # CosyVoice2-0.5B's LLM, random init
 fi
 
 # ---------------------------------------------------------------- 1. the gpu test tier
@@ -73,7 +75,7 @@ stamp "pytest -m gpu: exit $? ($(tail -1 "$OUT/gpu_tier.log"))"
 {
     timeout "$SMALL_T" $PY bench/train_throughput.py --stages llm,flow --steps "$STEPS" --warmup "$WARM" $DATA_ARG
     echo
-    timeout "$OFFICIAL_T" $PY bench/train_throughput.py --stages llm --configs llm=conf/model/llm_v2.yaml \
+    timeout "$OFFICIAL_T" $PY bench/train_throughput.py --stages llm --configs "llm=$V2_LLM" --qwen_path "$QWEN" \
         --steps "$STEPS" --warmup "$WARM" --max_frames "$FRAMES_OFFICIAL" $DATA_ARG
 } > "$OUT/train_throughput.txt" 2>&1
 stamp "train_throughput: done"
