@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         tflops = r["flops"] / r["seconds"] / 1e12
         line = (f"{r['stage']:<5} {r['precision']:<10} {r['params_m']:>8.2f} {r['seconds'] / r['steps']:>7.3f} "
                 f"{speed:>7.1f} {r['frames'] / r['seconds']:>9.0f} {speed / (ref['utts'] / ref['seconds']):>6.2f} "
-                f"{r['peak_mb']:>8.0f} {r['train_mb']:>8.0f} {r['train_mb'] / max(ref['train_mb'], 1e-9):>6.2f}"
+                f"{r['peak_mb']:>8.0f} {r['train_mb']:>8.0f} {r['train_mb'] / max(ref['train_mb'], 1.0):>6.2f}"
                 f" {tflops:>8.3f}")
         if device == "cuda":
             line += f" {100 * tflops / peak[1]:>6.2f}" if peak and r["stage"] == "llm" else f" {'-':>6}"

@@ -99,11 +99,12 @@ def test_default_recipe_listens_and_measures(runs):
 
 
 def test_export_best_by_a_synthesis_figure(runs, tmp_path):
-    ckpts = runs / "sft" / "checkpoints"
-    with pytest.raises(Exception, match="several metrics"):
-        from cosytrain.export import checkpoint_infos, select_checkpoints
+    from cosytrain.export import checkpoint_infos, select_checkpoints
 
-        select_checkpoints(checkpoint_infos([ckpts]), "best:1")
+    ckpts = runs / "sft" / "checkpoints"
+    # kept by val/loss and by synth/full/mcd: without --monitor, best:N means best by validation loss (README)
+    _, default = select_checkpoints(checkpoint_infos([ckpts]), "best:1")
+    assert default["monitor"] == "val/loss"
     chosen, how = select_checkpoints(checkpoint_infos([ckpts]), "best:1", monitor="synth/full/mcd")
     assert how == {"mode": "best", "n": 1, "monitor": "synth/full/mcd", "direction": "min"}
     values = _scalars(runs / "sft")["synth/full/mcd"]

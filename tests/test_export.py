@@ -301,3 +301,21 @@ def test_fp16_figures_of_the_training_run_go_into_the_model_card(tmp_path: Path,
                        / "cosytrain.json").read_text())[MODEL_CARD_KEY]
     assert card["passed"] is True and card["stages"]["llm"]["top1_agreement"] == 0.99
     assert "step 20" in card["measured_on"]
+
+
+def test_best_n_with_several_monitors_defaults_to_val_loss_or_asks():
+    """Kept by several metrics: best:N without --monitor means val/loss (README); without val/loss it asks."""
+    from cosytrain.export.checkpoints import CheckpointInfo, select_checkpoints
+
+    def infos(monitors):
+        scores = {name: {f"c{i}.ckpt": float(s) for i, s in enumerate(values)} for name, values in monitors.items()}
+        return [CheckpointInfo(Path(f"c{i}.ckpt"), 0, i, ("llm",),
+                               {name: ("min", scores[name]) for name in monitors}) for i in range(3)]
+
+    chosen, how = select_checkpoints(infos({"val/loss": [3, 1, 2], "synth/full/mcd": [1, 3, 2]}), "best:1")
+    assert how["monitor"] == "val/loss" and chosen[0].name == "c1.ckpt"
+    chosen, how = select_checkpoints(infos({"val/loss": [3, 1, 2], "synth/full/mcd": [1, 3, 2]}), "best:1",
+                                     monitor="synth/full/mcd")
+    assert chosen[0].name == "c0.ckpt"
+    with pytest.raises(ExportError, match="several metrics"):
+        select_checkpoints(infos({"val/acc": [3, 1, 2], "synth/full/mcd": [1, 3, 2]}), "best:1")

@@ -226,16 +226,22 @@ def _filename_score(name: str, monitor: str) -> float | None:
     return None
 
 
+# best:N without --monitor, when the checkpoints were kept by several metrics (e.g. val/loss and synth/full/mcd)
+DEFAULT_MONITOR = "val/loss"
+
+
 def _score(infos: list[CheckpointInfo], monitor: str | None) -> tuple[str, str]:
     """Fill ``info.score`` for best-N; returns (monitor, mode)."""
     monitors: dict[str, str] = {}
     for info in infos:
         for name, (mode, _) in info.monitors.items():
             monitors.setdefault(name, mode)
-    if monitor is None:
-        if len(monitors) > 1:
+    if monitor is None and len(monitors) > 1:
+        if DEFAULT_MONITOR not in monitors:
             raise ExportError(f"the checkpoints monitor several metrics ({', '.join(sorted(monitors))}); choose one"
                               " with --monitor")
+        monitor = DEFAULT_MONITOR  # the documented default: best by validation loss unless --monitor says otherwise
+    if monitor is None:
         if not monitors:
             raise ExportError("best:N needs validation scores, but no checkpoint has a ModelCheckpoint with a monitor;"
                               " train with ModelCheckpoint(monitor='val/loss', save_top_k=N) or use --average last:N")

@@ -95,6 +95,19 @@ def _upstream_name(dotted: str, where: str, reverse: dict[int, tuple[str, str]])
                       " name it; export with --base DIR instead")
 
 
+def _cosytrain_only_args(class_path: str) -> frozenset[str]:
+    """Arguments a cosytrain class takes but upstream's class of the same name does not (its
+    ``COSYTRAIN_ONLY_ARGS``): never written, or upstream's ``load_hyperpyyaml`` refuses the config."""
+    module_name, _, attr = class_path.rpartition(".")
+    if not module_name.startswith("cosytrain."):
+        return frozenset()
+    try:
+        obj = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError):
+        return frozenset()
+    return frozenset(getattr(obj, "COSYTRAIN_ONLY_ARGS", ()))
+
+
 def run_config_to_tree(value: Any, where: str = "", reverse: dict[int, tuple[str, str]] | None = None) -> Any:
     """A part's LightningCLI config (``class_path``/``init_args``, nested) -> an upstream inert tree.
 
@@ -106,7 +119,9 @@ def run_config_to_tree(value: Any, where: str = "", reverse: dict[int, tuple[str
     if isinstance(value, Mapping) and "class_path" in value:
         kind, upstream = _upstream_name(str(value["class_path"]), where, reverse)
         args = {**dict(value.get("init_args") or {}), **dict(value.get("dict_kwargs") or {})}
-        kwargs = {str(k): run_config_to_tree(v, f"{where}.{k}", reverse) for k, v in args.items()}
+        skip = _cosytrain_only_args(str(value["class_path"]))
+        kwargs = {str(k): run_config_to_tree(v, f"{where}.{k}", reverse) for k, v in args.items()
+                  if str(k) not in skip}
         if upstream in _CFM_CLASSES and isinstance(kwargs.get("cfm_params"), dict):
             kwargs["cfm_params"] = New("omegaconf.DictConfig", [], {"content": kwargs["cfm_params"]})
         return (New if kind == "class" else Name)(upstream, [], kwargs)
@@ -353,9 +368,14 @@ def _qwen_folder(llm_tree: Any, run_source: str) -> Path:
                       f" export from the training's working directory or pass --base DIR with a {QWEN_DIR} folder")
 
 
+# weight files of a Hugging Face folder: replaced by the trained weights in an export's CosyVoice-BlankEN
+QWEN_WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json", "*.pt", "*.pth")
+
+
 def _copy_qwen_folder(source: Path, tokenizer_path: str | None, target: Path) -> list[str]:
-    """Copy the Qwen config/tokenizer/weights folder; tokenizer files from a separate tokenizer folder too."""
-    shutil.copytree(source, target)
+    """Copy the Qwen config/tokenizer folder (not its weights: :func:`write_qwen_weights` writes the
+    trained ones); tokenizer files from a separate tokenizer folder too."""
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns(*QWEN_WEIGHT_PATTERNS))
     copied = sorted(str(p.relative_to(target)) for p in target.rglob("*") if p.is_file())
     if tokenizer_path:
         extra = Path(tokenizer_path)
@@ -366,3 +386,38 @@ def _copy_qwen_folder(source: Path, tokenizer_path: str | None, target: Path) ->
                     shutil.copyfile(file, target / file.name)
                     copied.append(file.name)
     return copied
+
+
+def write_qwen_weights(llm_state: Mapping[str, torch.Tensor], target: Path) -> str:
+    """The trained Qwen2 of a v2/v3 llm as ``<target>/model.safetensors`` (Hugging Face layout).
+
+    Upstream's ``Qwen2Encoder`` calls ``Qwen2ForCausalLM.from_pretrained(<dir>/CosyVoice-BlankEN)``,
+    which needs weight files there (``llm.pt`` then overwrites every one of them). The llm's
+    ``llm.model.*`` keys are exactly the ``Qwen2ForCausalLM`` state dict; a tied ``lm_head`` is left
+    out as Hugging Face's own ``save_pretrained`` does (``from_pretrained`` ties it again).
+    """
+    import json
+
+    from safetensors.torch import save_file
+
+    prefix = "llm.model."
+    weights = {k[len(prefix):]: v.detach().to("cpu").clone().contiguous()
+               for k, v in llm_state.items() if k.startswith(prefix)}
+    if not weights:
+        raise ExportError(f"the llm has no {prefix}* weights (a Qwen2Encoder's); cannot write {target}")
+    config = json.loads((target / "config.json").read_text(encoding="utf-8"))
+    if config.get("tie_word_embeddings", False):
+        weights.pop("lm_head.weight", None)
+    name = "model.safetensors"
+    save_file(weights, str(target / name), metadata={"format": "pt"})
+    return name
+
+
+def merged_speaker_info(base_table: Mapping[str, Any] | None,
+                        trained: Mapping[str, dict[str, torch.Tensor]]) -> tuple[dict[str, Any], list[str]]:
+    """The base's ``spk2info.pt`` entries plus the training speakers (a trained speaker replaces a base
+    entry of the same name: the model learned the new voice); returns the table and the replaced names."""
+    table: dict[str, Any] = dict(base_table or {})
+    replaced = sorted(s for s in trained if s in table)
+    table.update(trained)
+    return table, replaced

@@ -15,9 +15,12 @@ Front-end files
     ``CosyVoice-BlankEN`` folder) are copied from the base when present. The built-in stand-ins
     ``speech_tokenizer_builtin.npz`` / ``campplus_builtin.npz`` that ``prepare`` fitted beside the
     training shards' ``data.list`` (found through the runs' configs) are copied when the output has
-    none, and when there is no ``spk2info.pt`` yet one is written from the shards'
-    ``spk2embedding.pt``: ``{speaker: {'embedding': tensor (1, 192)}}``, each speaker's mean
-    utterance embedding, upstream's layout, so ``inference_sft`` knows the training speakers.
+    none. ``spk2info.pt`` holds the base's speakers (if any) plus the training speakers from the
+    shards' ``spk2embedding.pt``: ``{speaker: {'embedding': tensor (1, 192)}}``, each speaker's mean
+    utterance embedding, upstream's layout, so ``inference_sft`` knows the training speakers (a
+    training speaker replaces a base speaker of the same name). Without a base, v2/v3 exports write
+    the trained Qwen2 weights into ``CosyVoice-BlankEN/model.safetensors``: upstream's
+    ``Qwen2Encoder`` calls ``from_pretrained`` on that folder and needs weight files there.
     Exported jit/onnx/TensorRT files of the base are not copied: they hold the base's weights.
 
 Safety
@@ -56,6 +59,7 @@ from cosytrain.export.checkpoints import (
 )
 from cosytrain.export.checks import smoke_test, smoke_test_v23
 from cosytrain.export.errors import ExportError
+from cosytrain.export.upstream_front_end import upstream_front_end
 from cosytrain.export.run_config import (
     UPSTREAM_TEXT_TOKENIZER,
     _check_run_generations,
@@ -68,8 +72,10 @@ from cosytrain.export.run_config import (
     _run_text_tokenizer,
     _v1_config_tree,
     _v23_config_tree,
+    merged_speaker_info,
     run_config_to_tree,
     speaker_info_from_shards,
+    write_qwen_weights,
 )
 from cosytrain.modeldir import (
     BUILTIN_FRONT_END_FILES,
@@ -86,6 +92,7 @@ from cosytrain.modeldir import (
     dump_upstream_yaml,
     generation_of,
     load_model_dir,
+    load_weights_file,
     open_model_dir,
 )
 from cosytrain.utils.atomic import atomic_directory
@@ -292,7 +299,7 @@ def _write_config_and_weights(tmp: Path, base_dir: ModelDirectory | None, config
 
 
 def _copy_front_end_files(tmp: Path, base_dir: ModelDirectory | None, config: _ExportConfig,
-                          data_folders: Sequence[Path], metadata: dict[str, Any]) -> None:
+                          data_folders: Sequence[Path], metadata: dict[str, Any], trained: _TrainedParts) -> None:
     copied = metadata["front_end_files"]
     if base_dir is not None:
         for name in FRONT_END_FILES + BUILTIN_FRONT_END_FILES:
@@ -304,8 +311,10 @@ def _copy_front_end_files(tmp: Path, base_dir: ModelDirectory | None, config: _E
             copied.append(QWEN_DIR + "/")
     elif config.qwen_source is not None:
         files = _copy_qwen_folder(config.qwen_source, config.tokenizer_path, tmp / QWEN_DIR)
+        files.append(write_qwen_weights(trained.states["llm"], tmp / QWEN_DIR))  # upstream's from_pretrained needs them
         copied.append(QWEN_DIR + "/")
-        metadata["qwen"] = {"from": str(config.qwen_source.resolve()), "files": files}
+        metadata["qwen"] = {"from": str(config.qwen_source.resolve()), "files": sorted(files),
+                            "weights": "the trained llm's Qwen2 (llm.pt holds the same values)"}
     # the stand-in front ends the training data was prepared with (the model knows only their tokens)
     for name in BUILTIN_FRONT_END_FILES:
         source = next((f / name for f in data_folders if (f / name).is_file()), None)
@@ -315,14 +324,20 @@ def _copy_front_end_files(tmp: Path, base_dir: ModelDirectory | None, config: _E
 
 
 def _write_speakers(tmp: Path, data_folders: Sequence[Path], metadata: dict[str, Any]) -> None:
-    """``spk2info.pt`` from the training shards' ``spk2embedding.pt`` when the output has none yet."""
-    if (tmp / SPK2INFO_FILE).exists():
-        return
+    """``spk2info.pt``: the base's speakers (if any) plus the training shards' (``spk2embedding.pt``), so
+    upstream's ``inference_sft`` knows the training speakers too."""
     table = next((f / "spk2embedding.pt" for f in data_folders if (f / "spk2embedding.pt").is_file()), None)
-    if table is not None:
-        _save(speaker_info_from_shards(table), tmp / SPK2INFO_FILE)
+    if table is None:
+        return
+    base_table = load_weights_file(tmp / SPK2INFO_FILE) if (tmp / SPK2INFO_FILE).is_file() else None
+    trained_speakers = speaker_info_from_shards(table)
+    merged, replaced = merged_speaker_info(base_table, trained_speakers)
+    _save(merged, tmp / SPK2INFO_FILE)
+    if SPK2INFO_FILE not in metadata["front_end_files"]:
         metadata["front_end_files"].append(SPK2INFO_FILE)
-        metadata["spk2info"] = {"from": str(table.resolve())}
+    metadata["spk2info"] = {"from": str(table.resolve()), "speakers": len(merged),
+                            "from_training": len(trained_speakers), "from_base": len(merged) - len(trained_speakers),
+                            "replaced_base_speakers": replaced}
 
 
 def _check_written(tmp: Path) -> dict[str, Any]:
@@ -367,9 +382,10 @@ def export_model(
 
     def fill(tmp: Path) -> None:
         _write_config_and_weights(tmp, base_dir, config, trained, metadata)
-        _copy_front_end_files(tmp, base_dir, config, data_folders, metadata)
+        _copy_front_end_files(tmp, base_dir, config, data_folders, metadata, trained)
         _write_speakers(tmp, data_folders, metadata)
         metadata["check"] = _check_written(tmp) if check else {"skipped": "--no-check"}
+        metadata["upstream_front_end"] = upstream_front_end(tmp, config.generation, config.tokenizer)
         (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
 
     atomic_directory(output, fill, overwrite=overwrite)

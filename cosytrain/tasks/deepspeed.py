@@ -104,6 +104,16 @@ def check_strategy(strategy: Any) -> None:
                                    f" {OVERLAY_HINT}")
 
 
+def prepare_deepspeed_kwargs(trainer_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Trainer kwargs naming a DeepSpeed strategy: refuse Lightning's own, resolve ``precision`` (a new dict)."""
+    kwargs = dict(trainer_kwargs)
+    strategy = kwargs.get("strategy")
+    if "deepspeed" in str(strategy if isinstance(strategy, str) else type(strategy).__name__).lower():
+        check_strategy(strategy)
+        kwargs["precision"] = resolve_deepspeed_precision(kwargs.get("precision"))
+    return kwargs
+
+
 def precision_config(precision: str) -> dict[str, Any]:
     """The DeepSpeed config sections for a cosytrain precision: half engines off, ``torch_autocast`` on or off."""
     dtype = _AUTOCAST_DTYPES.get(precision)

@@ -34,9 +34,10 @@ def prepare_trainer_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from cosytrain.tasks.checkpoint_io import AtomicCheckpointIO, wants_atomic_io
+    from cosytrain.tasks.deepspeed import prepare_deepspeed_kwargs
     from cosytrain.tasks.precision import apply_precision
 
-    kw = apply_precision(kwargs)
+    kw = apply_precision(prepare_deepspeed_kwargs(kwargs))  # DeepSpeed: its own precision rules first
     if wants_atomic_io(kw):  # checkpoints are whole or absent, even after SIGKILL/ENOSPC (checkpoint_io.py)
         plugins = kw.get("plugins") or []
         kw["plugins"] = [*(plugins if isinstance(plugins, (list, tuple)) else [plugins]), AtomicCheckpointIO()]

@@ -114,18 +114,14 @@ def precision_plugin(precision: Any, accelerator: Any = "auto") -> Precision:
 def apply_precision(trainer_kwargs: dict[str, Any]) -> dict[str, Any]:
     """Replace ``precision`` in Trainer kwargs by our explicit plugin (returns a new dict).
 
-    DeepSpeed goes through :mod:`cosytrain.tasks.deepspeed` (autocast inside the engine, ``auto`` ->
-    ``bf16-mixed``/``32-true``; Lightning's own DeepSpeedStrategy is refused); FSDP/XLA bring their own
+    DeepSpeed is left to :func:`cosytrain.tasks.deepspeed.prepare_deepspeed_kwargs` (autocast inside the
+    engine, ``auto`` -> ``bf16-mixed``/``32-true``; Lightning's own DeepSpeedStrategy refused); FSDP/XLA bring their own
     precision handling, and any precision outside our three is passed to Lightning unchanged; a
     plugin already in ``plugins`` wins.
     """
     kwargs = dict(trainer_kwargs)
     if _names_deepspeed(kwargs.get("strategy")):
-        from cosytrain.tasks.deepspeed import check_strategy, resolve_deepspeed_precision
-
-        check_strategy(kwargs["strategy"])  # Lightning's own DeepSpeedStrategy: refused in one line
-        kwargs["precision"] = resolve_deepspeed_precision(kwargs.get("precision"))
-        return kwargs
+        return kwargs  # cosytrain.tasks.deepspeed.prepare_deepspeed_kwargs resolved it (lightning_cli calls it first)
     if kwargs.get("precision") is not None:
         kwargs["precision"] = resolve_auto_precision(kwargs["precision"], kwargs.get("accelerator", "auto"))
     plugins = kwargs.get("plugins") or []

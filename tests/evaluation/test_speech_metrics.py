@@ -34,7 +34,9 @@ def test_a_shift_is_aligned_away_but_not_by_frame_distance(speech):
     other = speech_distances(ref, speech["other_text"], SR)
     assert d["mcd"] < 2.0 < frame_mcd / 5  # DTW finds the shift; frame by frame it is a different signal
     assert d["mcd"] < other["mcd"] / 5
-    assert d["lf0_rmse"] < 15 and d["vde"] < 0.05
+    # pyworld (upstream's F0, the real backend) frames a shift that is not a whole hop a little differently:
+    # ~31 cents on this utterance, a third of a semitone; a pitch change is > 150 (next test)
+    assert d["lf0_rmse"] < 50 and d["vde"] < 0.05
     assert d["duration_ratio"] == pytest.approx(1.0, abs=0.01)  # silence is trimmed before timing
 
 

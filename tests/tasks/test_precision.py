@@ -116,5 +116,8 @@ def test_auto_precision_is_fp32_on_cpu_and_fp16_on_cuda():
     assert resolve_auto_precision("16-mixed", "cpu") == "16-mixed"  # explicit wins on every device
     kw = apply_precision({"precision": "auto", "accelerator": "cpu"})
     assert kw["precision"] is None and not any(isinstance(p, CosyMixedPrecision) for p in kw["plugins"])
-    kw = apply_precision({"precision": "auto", "accelerator": "cpu", "strategy": _cosy_deepspeed()})
+    from cosytrain.tasks.deepspeed import prepare_deepspeed_kwargs
+
+    kw = apply_precision(prepare_deepspeed_kwargs({"precision": "auto", "accelerator": "cpu",
+                                                   "strategy": _cosy_deepspeed()}))
     assert kw["precision"] == "32-true"
