@@ -2,7 +2,7 @@
 # The whole GPU check of issue 17, in ONE call of the device tool on a lent H100/H200 (about 8 minutes):
 #
 #   1. here (network, the project's venv):  bash bench/gpu_prepare.sh      -> .gpu_carry/ (~50 MiB)
-#   2. device tool:  run(command="bash bench/gpu_session.sh", carry=[".gpu_carry"], timeout_s=580)
+#   2. device tool:  run(command="bash bench/gpu_session.sh", carry=[".gpu_carry"], timeout_s=590)
 #
 # The device machine has no network and starts bare. Its python3 (/opt/torch/.venv: Python 3.12, torch,
 # lightning 2.6.6, transformers, pyarrow, tensorboard, matplotlib, ...) runs everything; what it lacks
@@ -59,40 +59,50 @@ stamp "environment ready"
 
 if [ "$SMOKE" = 1 ]; then
     STEPS=1; WARM=1; FRAMES_OFFICIAL=600; TOKENS=20; REPEATS=1; ATT_LENS=50; VS="--steps 1 --warmup 1 --batch 2"
-    TIER_T=900; SMALL_T=900; OFFICIAL_T=900; INFER_T=600; ATT_T=600; VS_T=900; FEAT_T=300
+    TIER_T=900; SMALL_T=900; OFFICIAL_T=900; INFER_T=600; ATT_T=600; VS_T=900; COMPILE_T=60; FEAT_T=300
     V2_LLM=conf/model/llm_v2_tiny.yaml; QWEN=conf/model/qwen2_tiny  # the official size is too slow for a CPU smoke
-else  # seconds per step: about 520 together, inside the tool's 600 s per command
+else  # the most each step may take: 545 s together, inside the tool's 600 s per command (timeout_s=590)
     STEPS=10; WARM=3; FRAMES_OFFICIAL=12000; TOKENS=200; REPEATS=3; ATT_LENS=300,1000; VS="--steps 8 --warmup 3 --batch 16"
-    TIER_T=150; SMALL_T=100; OFFICIAL_T=100; INFER_T=60; ATT_T=30; VS_T=60; FEAT_T=15
+    TIER_T=140; SMALL_T=90; OFFICIAL_T=100; INFER_T=50; ATT_T=25; VS_T=35; COMPILE_T=90; FEAT_T=15
     V2_LLM=conf/model/llm_v2.yaml; QWEN=bench/qwen2_0.5b  # CosyVoice2-0.5B's LLM, random init
 fi
 
+want() { [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $1 "* ]]; }  # ONLY="tier train infer speed": a subset
+
 # ---------------------------------------------------------------- 1. the gpu test tier
-timeout "$TIER_T" $PY -m pytest tests/gpu -m gpu -q -p no:cacheprovider -rA --durations=12 > "$OUT/gpu_tier.log" 2>&1
-stamp "pytest -m gpu: exit $? ($(tail -1 "$OUT/gpu_tier.log"))"
+if want tier; then
+    timeout "$TIER_T" $PY -m pytest tests/gpu -m gpu -q -p no:cacheprovider -rA --durations=12 > "$OUT/gpu_tier.log" 2>&1
+    rc=$?; stamp "pytest -m gpu: exit $rc ($(tail -1 "$OUT/gpu_tier.log"))"
+fi
 
 # ---------------------------------------------------------------- 2. training throughput
-{
+want train && {
     timeout "$SMALL_T" $PY bench/train_throughput.py --stages llm,flow --steps "$STEPS" --warmup "$WARM" $DATA_ARG
     echo
     timeout "$OFFICIAL_T" $PY bench/train_throughput.py --stages llm --configs "llm=$V2_LLM" --qwen_path "$QWEN" \
         --steps "$STEPS" --warmup "$WARM" --max_frames "$FRAMES_OFFICIAL" $DATA_ARG
 } > "$OUT/train_throughput.txt" 2>&1
-stamp "train_throughput: done"
+want train && stamp "train_throughput: done"
 
 # ---------------------------------------------------------------- 3. inference RTF and memory
-timeout "$INFER_T" $PY bench/inference.py --tokens "$TOKENS" --repeats "$REPEATS" > "$OUT/inference.txt" 2>&1
-stamp "inference: exit $?"
+if want infer; then
+    timeout "$INFER_T" $PY bench/inference.py --tokens "$TOKENS" --repeats "$REPEATS" > "$OUT/inference.txt" 2>&1
+    rc=$?; stamp "inference: exit $rc"
+fi
 
 # ---------------------------------------------------------------- 4. speed candidates on the GPU (item 5)
-{
+want speed && {
     timeout "$ATT_T" $PY bench/attention.py --precision bf16-mixed --speech_lens "$ATT_LENS" --repeats "$REPEATS"
     echo
-    timeout "$VS_T" $PY bench/vs_upstream.py --python current --variants cosytrain,sdpa,compile --device auto $VS
+    timeout "$VS_T" $PY bench/vs_upstream.py --python current --variants cosytrain,sdpa --device auto $VS
+    echo
+    # torch.compile pays its compilation first: its own run and limit, the LLM only
+    timeout "$COMPILE_T" $PY bench/vs_upstream.py --python current --stages llm --variants cosytrain,compile \
+        --device auto $VS
     echo
     timeout "$FEAT_T" $PY bench/batched_features.py --device "$($PY -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')"
 } > "$OUT/speed.txt" 2>&1
-stamp "speed candidates: done"
+want speed && stamp "speed candidates: done"
 
 # ---------------------------------------------------------------- collect the figures
 $PY - "$OUT" <<'EOF' >> "$OUT/env.txt" 2>&1
