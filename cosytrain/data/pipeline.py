@@ -308,13 +308,31 @@ def decode_audio(data: Iterable[Sample], skipped: Optional[Counter] = None) -> I
 
 def filter(data: Iterable[Sample], fcfg: FilterConfig = FilterConfig(), feat: FeatureConfig = FeatureConfig(),
            skipped: Optional[Counter] = None) -> Iterator[Sample]:  # noqa: A001 - upstream's name
-    """Drop rows failing upstream's length filters or the input checks (see ``check_facts``)."""
+    """Drop rows failing upstream's length filters or the input checks (see ``check_facts``), and
+    preference rows whose rejected tokens are empty (upstream) or out of range."""
     for sample in data:
         reason = check_facts(row_facts(sample), len(sample.get("text_token") or []), fcfg, feat)
+        if reason is None and REJECT_COLUMN in sample:
+            reason = _check_reject(sample[REJECT_COLUMN], fcfg)
         if reason is not None:
             _count(skipped, reason, sample)
             continue
         yield sample
+
+
+REJECT_COLUMN = "reject_speech_token"  # DPO shards: upstream's column of the rejected speech tokens
+
+
+def _check_reject(tokens: Any, fcfg: FilterConfig) -> Optional[str]:
+    try:
+        arr = np.asarray(tokens if tokens is not None else [], dtype=np.int64).reshape(-1)
+    except (TypeError, ValueError, OverflowError):
+        return "bad_reject_speech_token"
+    if arr.size == 0:
+        return "empty_reject_speech_token"
+    if arr.min() < 0 or (fcfg.speech_token_size is not None and arr.max() >= fcfg.speech_token_size):
+        return "reject_speech_token_out_of_range"
+    return None
 
 
 def resample(data: Iterable[Sample], resample_rate: int = 22050, min_sample_rate: int = 16000,
@@ -496,6 +514,8 @@ def collate(samples: Sequence[Sample], use_spk_embedding: bool = False, gan: boo
     out["spk_embedding"] = torch.stack([x["spk_embedding"] for x in s]).float()
     if all("instruct_token" in x for x in s):
         out["instruct_token"], out["instruct_token_len"] = _pad_1d([tok(x["instruct_token"]) for x in s], torch.int64)
+    if all(REJECT_COLUMN in x for x in s):  # upstream padding(dpo=True)
+        out[REJECT_COLUMN], out[REJECT_COLUMN + "_len"] = _pad_1d([tok(x[REJECT_COLUMN]) for x in s], torch.int64)
     if gan:
         out["speech"], out["speech_len"] = _pad_1d([x["speech"].reshape(-1) for x in s], torch.float32)
         out["pitch_feat"], out["pitch_feat_len"] = _pad_1d([x["pitch_feat"] for x in s], torch.float32)

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cosytrain.tasks.lora import Adapters
 from cosytrain.tasks.optim import TrainConf, build_optimization
 from cosytrain.tasks.precision import loss_scale
 
@@ -45,6 +46,11 @@ def load_part_weights(name: str, part: nn.Module, model_dir: str | Path) -> None
     The checks before the load are the model directory's (:func:`cosytrain.modeldir.check_state_dict`):
     weights of another generation, then every missing, unexpected or shape-mismatched key, in one line.
     """
+    from cosytrain.models.lora import has_adapters
+
+    if has_adapters(part):  # peft renamed the adapted layers: the base would not load (fish-speech #1163)
+        raise ValueError(f"init_from: the {name} part already carries LoRA adapters; its base weights must load"
+                         " before the adapters attach")
     path = Path(model_dir) / f"{name}.pt"
     if not path.is_file():
         raise FileNotFoundError(f"init_from: {path} not found; init_from must be a model directory holding {name}.pt")
@@ -67,6 +73,10 @@ class SpeechTask(pl.LightningModule):
             ``scheduler``, ``scheduler_conf``, ``grad_clip``, ``accum_grad``).
         freeze: parameter-name prefixes to freeze, with the part prefix (``llm.text_encoder``).
         init_from: an upstream model directory; weights only, strict, checked now (before training).
+        lora: LoRA adapters per part (``{llm: {r: 16, alpha: 32, dropout: 0.05, target_modules: [...],
+            train: [...]}}``, see :class:`cosytrain.models.lora.LoRASpec`): attached right after the
+            ``init_from`` weights load; only the adapters (and ``train`` prefixes) train, and checkpoints
+            hold those, not the base, which is read from ``init_from`` on resume too (``tasks/lora.py``).
         step_seed: re-seed torch's, python's and numpy's RNGs before every training batch from (step_seed, step, micro-batch,
             rank), and before every validation batch from (step_seed, batch index). Dropout, the flow's
             random times/noise etc. then depend only on the position in training, so a run resumed
@@ -83,6 +93,7 @@ class SpeechTask(pl.LightningModule):
         freeze: list[str] | None = None,
         init_from: str | None = None,
         step_seed: int | None = 1986,
+        lora: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=list(PART_NAMES))
@@ -94,9 +105,14 @@ class SpeechTask(pl.LightningModule):
                 setattr(self, name, part)
                 self.part_names.append(name)
         self.train_conf = TrainConf.from_dict(train_conf)
+        self.adapters = Adapters.from_config(lora, self.part_names, init_from)
+        if self.adapters is not None:
+            self.adapters.check_base()
         if init_from:
             for name in self.part_names:
                 load_part_weights(name, getattr(self, name), init_from)
+        if self.adapters is not None:  # after the base weights, never before (models/lora.py)
+            self.adapters.attach(self)
         self.frozen = self._freeze(freeze or [])
         self.step_seed = step_seed
         self.skipped_steps = 0
@@ -232,8 +248,12 @@ class SpeechTask(pl.LightningModule):
     # ------------------------------------------------------------------ checkpoint extras
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["cosytrain"] = {"skipped_steps": self.skipped_steps, "parts": list(self.part_names)}
+        if self.adapters is not None:
+            self.adapters.strip(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.adapters is not None:
+            self.adapters.fill(checkpoint, self)
         self.skipped_steps = int(checkpoint.get("cosytrain", {}).get("skipped_steps", 0))
 
 
@@ -241,16 +261,20 @@ class LLMTask(SpeechTask):
     """The LLM stage alone (upstream ``--model llm``)."""
 
     def __init__(self, llm: nn.Module, train_conf: dict[str, Any] | None = None, freeze: list[str] | None = None,
-                 init_from: str | None = None, step_seed: int | None = 1986) -> None:
-        super().__init__(llm=llm, train_conf=train_conf, freeze=freeze, init_from=init_from, step_seed=step_seed)
+                 init_from: str | None = None, step_seed: int | None = 1986,
+                 lora: dict[str, dict[str, Any]] | None = None) -> None:
+        super().__init__(llm=llm, train_conf=train_conf, freeze=freeze, init_from=init_from, step_seed=step_seed,
+                         lora=lora)
 
 
 class FlowTask(SpeechTask):
     """The flow stage alone (upstream ``--model flow``)."""
 
     def __init__(self, flow: nn.Module, train_conf: dict[str, Any] | None = None, freeze: list[str] | None = None,
-                 init_from: str | None = None, step_seed: int | None = 1986) -> None:
-        super().__init__(flow=flow, train_conf=train_conf, freeze=freeze, init_from=init_from, step_seed=step_seed)
+                 init_from: str | None = None, step_seed: int | None = 1986,
+                 lora: dict[str, dict[str, Any]] | None = None) -> None:
+        super().__init__(flow=flow, train_conf=train_conf, freeze=freeze, init_from=init_from, step_seed=step_seed,
+                         lora=lora)
 
 
 def _batch_size(batch: Mapping[str, Any]) -> int:

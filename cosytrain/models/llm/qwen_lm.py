@@ -224,6 +224,13 @@ class Qwen2LM(TransformerLM):
 
     def forward(self, batch: dict, device: torch.device) -> Dict[str, Optional[torch.Tensor]]:
         """Teacher-forced loss/acc on a padded batch (upstream keys; ``embedding`` is unused)."""
+        logits, lm_target = self.logits_and_target(batch, device)
+        loss = self.criterion_ce(logits, lm_target)  # log-softmax in float32 inside
+        acc = th_accuracy(logits.view(-1, self.num_classes), lm_target, ignore_label=IGNORE_ID)
+        return {"loss": loss, "acc": acc}
+
+    def logits_and_target(self, batch: dict, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The training layout's logits (B, T, classes) and targets (B, T; IGNORE_ID where none)."""
         text_token = batch["text_token"].to(device)
         text_token_len = batch["text_token_len"].to(device)
         speech_token = batch["speech_token"].to(device)
@@ -238,12 +245,8 @@ class Qwen2LM(TransformerLM):
             speech_token, speech_token_emb, speech_token_len,
             instruct_token, instruct_token_emb, instruct_token_len,
         )
-        lm_target = lm_target.to(device)
         lm_output, _ = self.llm(lm_input, lm_input_len.to(device))
-        logits = self.llm_decoder(lm_output)
-        loss = self.criterion_ce(logits, lm_target)  # log-softmax in float32 inside
-        acc = th_accuracy(logits.view(-1, self.num_classes), lm_target, ignore_label=IGNORE_ID)
-        return {"loss": loss, "acc": acc}
+        return self.llm_decoder(lm_output), lm_target.to(device)
 
     # ------------------------------------------------------------------ inference
     def _prefix(self, instruct_token: Optional[torch.Tensor]) -> torch.Tensor:
