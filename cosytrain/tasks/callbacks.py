@@ -1,7 +1,8 @@
 """Training callbacks: things to watch that are not the loss.
 
 * ``MelImageLogger``: a flow model can have a fine loss and still make blurry mels; an image of the
-  target next to a synthesised mel shows that at a glance (TensorBoard "Images" tab).
+  target next to a synthesised mel shows that at a glance (TensorBoard "Images" tab). Under DeepSpeed
+  ZeRO-3 every rank gathers the flow's parameters, then rank 0 draws.
 * ``SkippedDataLogger``: the data pipeline drops utterances (too long, bad tokens, unreadable audio);
   a silently growing count means the recipe's filters or the shards are wrong.
 * ``StepCheckpoint``: step-interval checkpoints that also keep ``last.ckpt`` current at the end.
@@ -16,6 +17,8 @@ from typing import Any, Mapping
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+
+from cosytrain.tasks.deepspeed import gathered_parameters
 
 log = logging.getLogger(__name__)
 
@@ -89,14 +92,23 @@ class MelImageLogger(pl.Callback):
     def __init__(self, every_n_epochs: int = 1, synthesize: bool = True) -> None:
         self.every_n_epochs = max(1, int(every_n_epochs))
         self.synthesize = synthesize
+        self._failed = False
         self.logged: list[str] = []
 
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                                 batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        if batch_idx != 0 or dataloader_idx != 0 or trainer.sanity_checking or not trainer.is_global_zero:
+        # every test up to the gather gives the same answer on every rank (ZeRO-3's gather is a collective)
+        if batch_idx != 0 or dataloader_idx != 0 or trainer.sanity_checking:
             return
         if trainer.current_epoch % self.every_n_epochs or not isinstance(batch, Mapping) or "speech_feat" not in batch:
             return
+        flow = getattr(pl_module, "flow", None)
+        with gathered_parameters(trainer, flow if self.synthesize else None):
+            if trainer.is_global_zero:
+                self._log_images(trainer, pl_module, batch, flow)
+
+    def _log_images(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Mapping[str, Any],
+                    flow: torch.nn.Module | None) -> None:
         writer = _tensorboard(trainer)
         if writer is None:
             return
@@ -104,14 +116,13 @@ class MelImageLogger(pl.Callback):
         length = int(batch["speech_feat_len"][0]) if "speech_feat_len" in batch else batch["speech_feat"].shape[1]
         writer.add_image("val/mel_target", mel_to_image(batch["speech_feat"][0, :length]), step)
         self.logged.append("val/mel_target")
-        flow = getattr(pl_module, "flow", None)
-        if self.synthesize and flow is not None:
+        if self.synthesize and not self._failed and flow is not None:
             try:
                 with torch.no_grad():
                     mel = synthesize_mel(flow, batch, pl_module.device)
             except Exception as err:  # a picture must never stop training
                 log.warning("MelImageLogger: flow.inference failed (%s); logging targets only", err)
-                self.synthesize = False
+                self._failed = True  # rank 0 only: `synthesize` stays, so every rank keeps gathering alike
                 return
             if mel is not None:
                 writer.add_image("val/mel_flow", mel_to_image(mel, time_first=False), step)

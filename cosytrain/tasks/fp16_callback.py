@@ -9,6 +9,8 @@ the task's own parts (``pl_module.llm`` / ``flow`` / ``hift``, whichever exist) 
 the run when a figure leaves its tolerance. The last figures are kept in ``last_figures`` and saved
 in the checkpoint (``checkpoint['callbacks']['FP16EvalCallback']['last_figures']``), where export
 finds them for the model card (:func:`cosytrain.evaluation.fp16_figures.figures_from_checkpoint`).
+Under DeepSpeed ZeRO-3 every rank gathers the parts' parameters before its check
+(:func:`cosytrain.tasks.deepspeed.gathered_parameters`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from cosytrain.errors import ConfigurationError
 from cosytrain.evaluation.fp16_batches import DEFAULT_SEED, batch_size, take_utterances
 from cosytrain.evaluation.fp16_check import run_fp16_check
 from cosytrain.evaluation.fp16_figures import CALLBACK_STATE_KEY, flat_figures, resolve_tolerances
+from cosytrain.tasks.deepspeed import gathered_parameters
 
 __all__ = ["FP16EvalCallback", "FP16CheckWarning"]
 
@@ -152,7 +155,9 @@ class FP16EvalCallback(pl.Callback):
         if not due:
             return
         batches, self._batches, self._collected = self._batches, [], 0
-        failures = self._check(trainer, pl_module, batches)
+        # under DeepSpeed ZeRO-3 every rank gathers the parts' parameters (a collective), then checks its own batches
+        with gathered_parameters(trainer, *(getattr(pl_module, n, None) for n in ("llm", "flow", "hift"))):
+            failures = self._check(trainer, pl_module, batches)
         failed = bool(failures)
         if trainer.world_size > 1:  # every rank gets here on the same validations, so this cannot hang
             failed = bool(trainer.strategy.reduce_boolean_decision(failed, all=False))  # any rank failing counts

@@ -69,9 +69,10 @@ def prepare_trainer_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from cosytrain.tasks.checkpoint_io import AtomicCheckpointIO, wants_atomic_io
+    from cosytrain.tasks.deepspeed import prepare_deepspeed_kwargs
     from cosytrain.tasks.precision import apply_precision
 
-    kw = apply_precision(kwargs)
+    kw = apply_precision(prepare_deepspeed_kwargs(kwargs))  # DeepSpeed: its own precision rules first
     if wants_atomic_io(kw):  # checkpoints are whole or absent, even after SIGKILL/ENOSPC (checkpoint_io.py)
         plugins = kw.get("plugins") or []
         kw["plugins"] = [*(plugins if isinstance(plugins, (list, tuple)) else [plugins]), AtomicCheckpointIO()]
@@ -115,6 +116,7 @@ def _cli_class():
         def before_instantiate_classes(self) -> None:
             _check_ckpt_path(self._get(self.config, "ckpt_path", default=None))
             _check_accumulation(self._get(self.config, "trainer", default=None), self._get(self.config, "model"))
+            _check_clipping(self._get(self.config, "trainer", default=None), self._get(self.config, "model"))
 
         def instantiate_classes(self) -> None:
             try:
@@ -201,6 +203,27 @@ def _check_accumulation(trainer: Any, model: Any) -> None:
     if current not in (None, 1) and accum is not None and int(current) != int(accum):
         raise ConfigError(f"gradient accumulation is set twice (trainer.accumulate_grad_batches={current},"
                           f" train_conf.accum_grad={accum}); set only train_conf.accum_grad")
+
+
+def _check_clipping(trainer: Any, model: Any) -> None:
+    """The task clips at train_conf.grad_clip (DeepSpeed too); a different trainer.gradient_clip_val is refused now."""
+    def get(node: Any, *keys: str) -> Any:
+        for key in keys:
+            node = node.get(key) if hasattr(node, "get") else None
+        return node
+
+    clip_val = get(trainer, "gradient_clip_val")
+    if clip_val is None or not str(get(model, "class_path") or "").startswith("cosytrain.tasks.speech_task."):
+        return  # the vocoder's GAN task leaves trainer.gradient_clip_val to Lightning
+    from cosytrain.tasks.optim import TrainConf
+    from cosytrain.tasks.speech_task import check_clipping
+
+    train_conf = get(model, "init_args", "train_conf")
+    grad_clip = train_conf.get("grad_clip", TrainConf.grad_clip) if hasattr(train_conf, "get") else TrainConf.grad_clip
+    try:
+        check_clipping(clip_val, grad_clip)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def unpickling_line(err: BaseException) -> str:

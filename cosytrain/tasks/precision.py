@@ -78,6 +78,10 @@ def autocast_device(accelerator: Any) -> str:
     raise ConfigurationError(f"precision: unsupported accelerator {accelerator!r}; use cpu, gpu/cuda, mps or auto")
 
 
+def _names_deepspeed(strategy: Any) -> bool:
+    return "deepspeed" in str(strategy if isinstance(strategy, str) else type(strategy).__name__).lower()
+
+
 def _brings_own_precision(strategy: Any) -> bool:
     """DeepSpeed, FSDP and XLA need their own precision plugins; Lightning picks those from the string."""
     name = str(strategy if isinstance(strategy, str) else type(strategy).__name__).lower()
@@ -113,11 +117,14 @@ def precision_plugin(precision: Any, accelerator: Any = "auto") -> Precision:
 def apply_precision(trainer_kwargs: dict[str, Any]) -> dict[str, Any]:
     """Replace ``precision`` in Trainer kwargs by our explicit plugin (returns a new dict).
 
-    DeepSpeed/FSDP/XLA bring their own precision handling (DeepSpeed: its own loss scaler, which
-    also skips overflowing steps), and any precision outside our three is passed to Lightning
-    unchanged; a plugin already in ``plugins`` wins.
+    DeepSpeed is left to :func:`cosytrain.tasks.deepspeed.prepare_deepspeed_kwargs` (autocast inside the
+    engine, ``auto`` -> ``bf16-mixed``/``32-true``; Lightning's own DeepSpeedStrategy refused); FSDP/XLA bring their own
+    precision handling, and any precision outside our three is passed to Lightning unchanged; a
+    plugin already in ``plugins`` wins.
     """
     kwargs = dict(trainer_kwargs)
+    if _names_deepspeed(kwargs.get("strategy")):
+        return kwargs  # cosytrain.tasks.deepspeed.prepare_deepspeed_kwargs resolved it (lightning_cli calls it first)
     if kwargs.get("precision") is not None:
         kwargs["precision"] = resolve_auto_precision(kwargs["precision"], kwargs.get("accelerator", "auto"))
     plugins = kwargs.get("plugins") or []

@@ -161,6 +161,7 @@ class SpeechTask(pl.LightningModule):
                                      f"train_conf.accum_grad={accum}); set only train_conf.accum_grad")
         # Lightning reads this attribute live (its GradientAccumulationScheduler sets it the same way)
         self.trainer.accumulate_grad_batches = accum
+        check_clipping(self.trainer.gradient_clip_val, self.train_conf.grad_clip)
 
     def configure_optimizers(self) -> dict[str, Any]:
         return build_optimization([p for p in self.parameters() if p.requires_grad], self.train_conf)
@@ -240,7 +241,10 @@ class SpeechTask(pl.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Grads are unscaled here (Lightning unscales before this hook): clip, measure, maybe skip."""
         if _is_deepspeed(self.trainer):
-            return  # DeepSpeed clips (config gradient_clipping) and skips overflowing steps itself
+            # DeepSpeed clips at train_conf.grad_clip (CosyDeepSpeedStrategy writes its gradient_clipping)
+            # and skips a step whose grad norm is not finite itself; grads live in its partitions
+            self.log("train/lr", optimizer.param_groups[0]["lr"])
+            return
         clip = float(self.train_conf.grad_clip or 0.0)
         finite = True
         norms: dict[str, float] = {}
@@ -266,6 +270,14 @@ class SpeechTask(pl.LightningModule):
         self.log("train/skipped_steps", float(self.skipped_steps))
         if scale is not None:
             self.log("train/loss_scale", scale)
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if _is_deepspeed(self.trainer):  # DeepSpeed counts the steps it skipped (kept in its checkpoints)
+            skipped = getattr(getattr(self.trainer.strategy, "model", None), "skipped_steps", None)
+            if isinstance(skipped, int):
+                self.skipped_steps = skipped
+                self.log("train/skipped_steps", float(skipped))
 
     # ------------------------------------------------------------------ checkpoint extras
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -306,6 +318,13 @@ def _batch_size(batch: Mapping[str, Any]) -> int:
         if isinstance(value, torch.Tensor) and value.dim() > 0:
             return int(value.shape[0])
     return 1
+
+
+def check_clipping(gradient_clip_val: Any, grad_clip: Any) -> None:
+    """The task clips at ``train_conf.grad_clip``; a different ``trainer.gradient_clip_val`` would clip again."""
+    if gradient_clip_val is not None and float(gradient_clip_val) != float(grad_clip or 0.0):
+        raise ValueError(f"gradient clipping is set twice (trainer.gradient_clip_val={gradient_clip_val}, "
+                         f"train_conf.grad_clip={grad_clip}); set only train_conf.grad_clip")
 
 
 def _is_deepspeed(trainer: pl.Trainer) -> bool:

@@ -24,7 +24,8 @@ built from the datamodule's mel options), so every recipe has audio. ``model_dir
 parts the task does not train (e.g. the flow for an LLM-only run) and ``campplus.onnx`` for SIM.
 
 DDP: rank 0 synthesises (on its own validation shard); the figures are broadcast, so every rank logs
-the same monitor value and the checkpoint callbacks agree. Validations that do not synthesise log
+the same monitor value and the checkpoint callbacks agree. DeepSpeed ZeRO-3: every rank first gathers
+the task's parameters (:func:`cosytrain.tasks.deepspeed.gathered_parameters`), then rank 0 synthesises. Validations that do not synthesise log
 nothing under ``synth/``: put the ModelCheckpoint that monitors a ``synth/`` figure on the same
 rhythm (``every_n_validations: 1``, or a ``val_check_interval`` matching it), or Lightning reports
 the monitor missing.
@@ -46,6 +47,7 @@ from torch import nn
 
 from cosytrain.errors import ConfigurationError
 from cosytrain.evaluation.synthesis import CONDITIONS, SynthesisItem, average, generation_of, score, synthesize_items
+from cosytrain.tasks.deepspeed import gathered_parameters
 
 __all__ = ["SynthesisCallback", "SynthesisWarning"]
 
@@ -174,13 +176,15 @@ class SynthesisCallback(pl.Callback):
         if not due:
             return
         figures: Optional[dict[str, float]] = None
-        if trainer.is_global_zero:
-            try:
-                figures = self._synthesise_and_measure(trainer, pl_module)
-            except Exception as exc:  # noqa: BLE001 - measuring must never stop training
-                self._warn(f"error:{type(exc).__name__}", f"synthesis failed at step {trainer.global_step}"
-                           f" ({type(exc).__name__}: {' '.join(str(exc).split())[:300]})")
-                figures = None
+        # DeepSpeed ZeRO-3: every rank gathers the task's parts (a collective); rank 0 synthesises with them
+        with gathered_parameters(trainer, *(getattr(pl_module, n, None) for n in ("llm", "flow", "hift"))):
+            if trainer.is_global_zero:
+                try:
+                    figures = self._synthesise_and_measure(trainer, pl_module)
+                except Exception as exc:  # noqa: BLE001 - measuring must never stop training
+                    self._warn(f"error:{type(exc).__name__}", f"synthesis failed at step {trainer.global_step}"
+                               f" ({type(exc).__name__}: {' '.join(str(exc).split())[:300]})")
+                    figures = None
         if trainer.world_size > 1:
             figures = trainer.strategy.broadcast(figures, src=0)
         self._pool = {}
