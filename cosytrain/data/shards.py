@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from cosytrain.utils.atomic import atomic_write_bytes as _atomic_write_bytes
 
 # Column -> Arrow type, in the order upstream writes them. pandas maps a Python str column to
 # ``string``, bytes to ``binary``, lists of Python floats to ``list<double>`` (upstream's embeddings
@@ -73,20 +74,10 @@ def shard_schema(with_instruct: bool = False, with_reject: bool = False) -> pa.S
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write via a temp file in the same folder and ``os.replace`` so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write via a temp file in the same folder and ``os.replace`` so readers never see half a file; the
+    file lands with the modes a plain write gives (0644 under umask 022, not ``mkstemp``'s private 0600),
+    so others on a shared machine can read the shards (:mod:`cosytrain.utils.atomic`)."""
+    _atomic_write_bytes(path, data)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
