@@ -13,8 +13,12 @@ Usage::
     python -m cosytrain.export.zero_to_state_dict runs/x/checkpoints/last.ckpt runs/x/last-fp32.ckpt \
         [--tag global_step100] [--split-into runs/x/parts]
 
-Untested on this project's CI machines: Lightning's DeepSpeed strategy needs CUDA GPUs.
-The part files (``write_part_files``) and the missing-deepspeed error are tested without DeepSpeed.
+Tested on CPU (Lightning's DeepSpeed strategy refuses CPU; the tests lift that check with
+``tests/tasks/_deepspeed_cpu.py`` and run DeepSpeed's real engine and checkpoint writer, one rank, gloo):
+ZeRO-2 and ZeRO-3 folders consolidate to the trained FP32 weights (``tests/tasks/test_deepspeed.py``),
+and ``cosytrain export`` of ZeRO folders from one-step demo runs (v1 ZeRO-2, v2/v3 ZeRO-3) gives model
+directories upstream's own classes load strictly and run (``tests/upstream/test_exports.py``). Several
+ranks' folders (one partition file per rank) are not tested here: no multi-GPU machine in CI.
 """
 
 from __future__ import annotations

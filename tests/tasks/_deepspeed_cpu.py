@@ -57,14 +57,19 @@ def deepspeed_process() -> Iterator[None]:
     try:
         yield
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
         try:
             import deepspeed.comm.comm as ds_comm
-
-            ds_comm.cdb = None  # deepspeed's own handle on the destroyed group
         except ImportError:  # pragma: no cover
-            pass
+            ds_comm = None
+        if dist.is_initialized():
+            if ds_comm is not None and ds_comm.cdb is not None:
+                # also drops DeepSpeed's cached clones of the world group (deepspeed.utils.groups): a
+                # later block would otherwise hand the engine a group of the destroyed world
+                ds_comm.destroy_process_group()
+            else:
+                dist.destroy_process_group()
+        if ds_comm is not None:
+            ds_comm.cdb = None  # deepspeed's own handle on the destroyed group
         os.environ.clear()
         os.environ.update(saved)
 

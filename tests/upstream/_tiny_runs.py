@@ -8,6 +8,11 @@ checkpoints with the run's ``config.yaml``. From those, :func:`export_kinds` wri
 ``best2``      no ``--base``: ``--average best:2`` over three scored checkpoints per run
 ``base_llm``   ``--base`` (the ``run`` export): only the llm from a checkpoint, flow/hift from the base
 ``base_best2`` ``--base``: ``--average best:2`` of llm + flow, hift from the base
+``zero``       no ``--base``: the llm + flow run trained again under DeepSpeed ZeRO (stage
+               :data:`ZERO_STAGES`, the repository's ``conf/strategy/deepspeed_zero{2,3}.yaml``
+               overlay, its strategy class swapped for ``tests/tasks/_deepspeed_cpu``'s CPU shim of
+               it), whose ``last.ckpt`` is DeepSpeed's own checkpoint folder, exported as it is with
+               the vocoder run's ``last.ckpt`` (export converts the folder itself)
 
 The scored checkpoints are the run's ``last.ckpt`` with seeded noise added to every float weight
 and a ModelCheckpoint state naming their validation scores (the demo recipes of v2/v3 validate on
@@ -32,6 +37,15 @@ MC_KEY = ("ModelCheckpoint{'monitor': 'val/loss', 'mode': 'min', 'every_n_train_
           " 'train_time_interval': None}")
 SCORES = {"epoch=0-step=1.ckpt": 0.7, "epoch=0-step=2.ckpt": 0.4, "epoch=0-step=3.ckpt": 0.5}
 KINDS = ("run", "best2", "base_llm", "base_best2")
+# ZeRO stage of each generation's `zero` kind: both stages, both llm families (v1 TransformerLM, Qwen2LM)
+ZERO_STAGES = {"v1": 2, "v2": 3, "v3": 3}
+
+
+def has_deepspeed() -> bool:
+    """deepspeed is in the CI set (the `test` extra); elsewhere the `zero` kind is left out without it."""
+    import importlib.util
+
+    return importlib.util.find_spec("deepspeed") is not None or os.environ.get("CI", "").lower() == "true"
 
 
 def fit(args: list[str]) -> None:
@@ -45,26 +59,48 @@ def fit(args: list[str]) -> None:
         os.chdir(old)
 
 
-def train(gen: str, runs: Path, v1_root: Path, data_25hz: Path) -> dict[str, Path]:
-    """One step of the generation's demo recipe and of the demo vocoder recipe; returns the run dirs."""
-    tts, voc = runs / f"{gen}_tts", runs / f"{gen}_hift"
+def tts_recipe(gen: str, v1_root: Path, data_25hz: Path) -> list[str]:
+    """The arguments of the generation's llm + flow demo recipe on the tier's reduced corpora."""
     if gen == "v1":
-        fit(["--config", "recipes/sft.yaml", "--data.init_args.root", str(v1_root),
-             "--trainer.default_root_dir", str(tts)])
+        return ["--config", "recipes/sft.yaml", "--data.init_args.root", str(v1_root)]
+    return ["--config", f"recipes/cosyvoice{gen[1]}_demo.yaml", "--data.init_args.train_data", str(data_25hz)]
+
+
+def train(gen: str, runs: Path, v1_root: Path, data_25hz: Path) -> dict[str, Path]:
+    """One step of the generation's demo recipe and of the demo vocoder recipe; returns the run dirs
+    (and ``zero``: the same llm + flow step under DeepSpeed ZeRO, when deepspeed is there)."""
+    tts, voc = runs / f"{gen}_tts", runs / f"{gen}_hift"
+    fit([*tts_recipe(gen, v1_root, data_25hz), "--trainer.default_root_dir", str(tts)])
+    if gen == "v1":
         fit(["--config", "recipes/hift_demo.yaml", "--data.init_args.root", str(v1_root),
              "--trainer.default_root_dir", str(voc), "--data.init_args.truncate_length", "4096"])
     else:
-        number = gen[1]
         fmax = ["--data.init_args.fmax", "null"] if gen == "v3" else []
-        fit(["--config", f"recipes/cosyvoice{number}_demo.yaml", "--trainer.default_root_dir", str(tts),
-             "--data.init_args.train_data", str(data_25hz)])
         fit(["--config", "recipes/hift_demo.yaml", "--trainer.default_root_dir", str(voc),
              "--model.init_args.hift", f"conf/model/hift_{gen}_tiny.yaml", "--data", "conf/data/demo_v2.yaml", *fmax,
              "--data.init_args.train_data", str(data_25hz), "--data.init_args.val_data", "null",
              "--data.init_args.vocoder", "true", "--data.init_args.truncate_length", "9600",
              "--data.init_args.token_mel_ratio", "0", "--data.init_args.batch_type", "static",
              "--data.init_args.batch_size", "4"])
-    return {"tts": tts, "hift": voc}
+    runs_ = {"tts": tts, "hift": voc}
+    if has_deepspeed():
+        runs_["zero"] = train_zero(gen, runs / f"{gen}_zero", v1_root, data_25hz)
+    return runs_
+
+
+def train_zero(gen: str, run: Path, v1_root: Path, data_25hz: Path) -> Path:
+    """The llm + flow demo step again, as a user runs it under DeepSpeed (``--config
+    conf/strategy/deepspeed_zero<stage>.yaml``), on CPU through the test shim of that strategy (Lightning
+    refuses DeepSpeed without CUDA; the engine, its partitioning and its checkpoint writer are the real
+    ones). FP32 (``QUIET``), so the weights can be compared with the single-device run's. Returns the run
+    dir; its ``checkpoints/last.ckpt`` is a ZeRO folder."""
+    from tests.tasks._deepspeed_cpu import deepspeed_process
+
+    with deepspeed_process():
+        fit([*tts_recipe(gen, v1_root, data_25hz), "--config", f"conf/strategy/deepspeed_zero{ZERO_STAGES[gen]}.yaml",
+             "--trainer.strategy.class_path", "tests.tasks._deepspeed_cpu.CPUDeepSpeedStrategy",
+             "--trainer.use_distributed_sampler", "false", "--trainer.default_root_dir", str(run)])
+    return run
 
 
 def scored_copies(run: Path, seed: int) -> Path:
@@ -111,6 +147,11 @@ def export_kinds(gen: str, runs: dict[str, Path], out: Path) -> dict[str, Path]:
                      run_config=configs)
     export_model([llm_only(tts)], dirs["base_llm"], base=dirs["run"])
     export_model([tts / "scored"], dirs["base_best2"], base=dirs["run"], average="best:2")
+    if "zero" in runs:
+        dirs["zero"] = out / f"{gen}_zero"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            export_model([runs["zero"] / "checkpoints" / "last.ckpt", voc / "checkpoints" / "last.ckpt"], dirs["zero"])
     return dirs
 
 

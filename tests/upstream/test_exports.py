@@ -1,8 +1,10 @@
 """Every export kind, judged by upstream CosyVoice's own code (the oracle, in its own venv).
 
-v1, v2 and v3, each exported four ways from real one-step runs of the repository's demo recipes
+v1, v2 and v3, each exported five ways from real one-step runs of the repository's demo recipes
 (``_tiny_runs``: no ``--base`` from one checkpoint and from ``best:2`` averaging; ``--base`` with
-only the llm trained and with llm + flow averaged). Upstream must build each directory's yaml with
+only the llm trained and with llm + flow averaged; and a DeepSpeed ZeRO checkpoint folder, ZeRO-2 for
+v1 and ZeRO-3 for v2/v3, written by DeepSpeed's engine in a real run and converted by export itself).
+Upstream must build each directory's yaml with
 ``load_hyperpyyaml`` (``qwen_pretrain_path`` set as its cli does), recognise the generation with
 ``get_model_type``, load every part with ``load_state_dict(strict=True)`` and run its token2wav path
 (flow.inference then hift.inference) offline and streaming to finite audio of the right length.
@@ -20,7 +22,7 @@ import pytest
 import torch
 
 from tests.upstream._oracle import verdict_ok
-from tests.upstream._tiny_runs import KINDS, SCORES
+from tests.upstream._tiny_runs import KINDS, SCORES, ZERO_STAGES
 from tests.upstream.conftest import TOKENS
 
 # the session fixtures train, export and run upstream before the first test: more than the suite's 900 s
@@ -29,6 +31,16 @@ pytestmark = pytest.mark.timeout(1800)
 
 
 MODEL_TYPES = {"v1": "CosyVoiceModel", "v2": "CosyVoice2Model", "v3": "CosyVoice3Model"}
+ALL_KINDS = (*KINDS, "zero")
+
+
+def _kinds(tiny_exports: dict[str, dict[str, Path]], gen: str) -> list[str]:
+    return [kind for kind in ALL_KINDS if kind in tiny_exports[gen]]
+
+
+def _need(kind: str, gen: str, tiny_exports: dict[str, dict[str, Path]]) -> None:
+    if kind not in tiny_exports[gen]:  # only `zero`, only without deepspeed and outside CI (_tiny_runs.has_deepspeed)
+        pytest.skip(f"{gen}_{kind}: deepspeed is not installed (pip install -e '.[deepspeed]')")
 
 
 def expected_samples(gen: str, tokens: int) -> int:
@@ -37,9 +49,11 @@ def expected_samples(gen: str, tokens: int) -> int:
     return int(tokens / 50 * 22050 / 256) * 256 if gen == "v1" else tokens * 2 * 480
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ALL_KINDS)
 @pytest.mark.parametrize("gen", ["v1", "v2", "v3"])
-def test_upstream_builds_loads_strictly_and_speaks(gen: str, kind: str, tiny_verdicts: dict[str, Any]) -> None:
+def test_upstream_builds_loads_strictly_and_speaks(gen: str, kind: str, tiny_verdicts: dict[str, Any],
+                                                   tiny_exports: dict[str, dict[str, Path]]) -> None:
+    _need(kind, gen, tiny_exports)
     verdict = tiny_verdicts[f"{gen}_{kind}"]
     verdict_ok(verdict)
     assert verdict["generation"] == gen and verdict["model_type"] == MODEL_TYPES[gen]
@@ -85,9 +99,46 @@ def test_best2_exports_hold_the_mean_of_the_two_best(gen: str, tiny_exports: dic
 @pytest.mark.parametrize("gen", ["v1", "v2", "v3"])
 def test_cosytrain_json_says_whether_upstreams_auto_model_opens_it(gen: str, tiny_exports: dict[str, dict[str, Path]],
                                                                     tiny_verdicts: dict[str, Any]) -> None:
-    for kind in KINDS:
+    for kind in _kinds(tiny_exports, gen):
         section = json.loads((tiny_exports[gen][kind] / "cosytrain.json").read_text())["upstream_front_end"]
         verdict = tiny_verdicts[f"{gen}_{kind}"]
         assert section["auto_model"] is False and verdict["auto_error"] is not None, (kind, verdict["auto_error"])
         assert "campplus.onnx" in section["missing"] and f"speech_tokenizer_{gen}.onnx" in section["missing"]
         assert "--base" in section["note"] and section["text_tokenizer"].startswith("differs: ")
+
+
+@pytest.mark.parametrize("gen", ["v1", "v2", "v3"])
+def test_zero_folder_export_holds_the_weights_the_engine_trained(gen: str,
+                                                                 tiny_exports: dict[str, dict[str, Path]]) -> None:
+    """The ZeRO kind: a real DeepSpeed checkpoint folder (ZeRO-3: the module file holds empty placeholders,
+    the weights live only in the optimizer partitions), converted by ``export``, holds the weights of the
+    same FP32 step run on one device without DeepSpeed (``run``'s checkpoint), key for key; ZeRO-2's
+    module file holds whole FP32 weights, which the export must equal exactly."""
+    _need("zero", gen, tiny_exports)
+    runs = tiny_exports[gen]["_runs"]
+    folder = runs["zero"] / "checkpoints" / "last.ckpt"
+    assert folder.is_dir() and (folder / "latest").is_file(), f"{folder}: not a DeepSpeed checkpoint folder"
+    stage = ZERO_STAGES[gen]
+    (module_file,) = (folder / "checkpoint").glob("*model_states.pt")
+    assert list((folder / "checkpoint").glob("*optim_states.pt")), folder
+    states = torch.load(module_file, weights_only=True)
+    assert states["global_steps"] == 1 and states["ds_config"]["zero_optimization"]["stage"] == stage
+    module = states["module"]
+    single = torch.load(runs["tts"] / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    for part in ("llm", "flow"):
+        written = torch.load(tiny_exports[gen]["zero"] / f"{part}.pt", weights_only=True)
+        assert written and set(written) == {k[len(part) + 1:] for k in single if k.startswith(part + ".")}, part
+        for key, value in written.items():
+            reference = single[f"{part}.{key}"]
+            assert value.dtype == reference.dtype and value.shape == reference.shape, (part, key)
+            # the same seeded FP32 step; DeepSpeed's flat-buffer reductions differ in the last bits, and
+            # Adam's first step turns that into at most ~lr (5e-6 here) on weights whose gradient is ~0
+            torch.testing.assert_close(value, reference, rtol=0, atol=1e-5, msg=f"{part}.{key}")
+            if stage == 2:
+                assert torch.equal(value, module[f"{part}.{key}"]), (part, key)
+    if stage == 3:  # parameters partitioned away (buffers, e.g. v3's rotary inv_freq, stay whole)
+        params = [k for k in module if k not in set(states["buffer_names"])]
+        assert params and all(module[k].numel() == 0 for k in params), "ZeRO-3 did not partition"
+    # the vocoder came from the plain run's checkpoint, as in `run`
+    zero_hift, run_hift = (torch.load(tiny_exports[gen][k] / "hift.pt", weights_only=True) for k in ("zero", "run"))
+    assert set(zero_hift) == set(run_hift) and all(torch.equal(zero_hift[k], run_hift[k]) for k in run_hift)
