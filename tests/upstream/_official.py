@@ -6,7 +6,8 @@ Bases
     upstream's I/O names) and one base speaker. ~10 GB, so they are cached across sessions in
     ``$COSYTRAIN_UPSTREAM_CACHE`` (default ``~/.cache/cosytrain/upstream-bases``) under a key of
     everything they are made from (upstream configs, the build script, the stand-in tool, the
-    oracle's pinned packages); older keys are removed when a new one is built.
+    oracle's pinned packages), one generation at a time (``.complete-<gen>``: a run of one generation
+    builds only that one); older keys are removed when a new one is built.
 Fine-tuning
     The repository's SFT recipes run unchanged apart from the machine (CPU, FP32, one optimizer
     step on batches of one demo utterance, no validation) and plain SGD (Adam's two moments on a
@@ -72,23 +73,27 @@ def stand_in_front_ends(folder: Path) -> Path:
     return folder
 
 
-def bases(oracle: Oracle) -> tuple[dict[str, Path], dict[str, Any]]:
-    """gen -> official-size base directory (built by upstream once, then cached); and the build's report."""
+def bases(oracle: Oracle, gens: tuple[str, ...] = ("v1", "v2", "v3")) -> tuple[dict[str, Path], dict[str, Any]]:
+    """gen -> official-size base directory (built by upstream once per generation, then cached); and the
+    build's report (``{"cached": ...}`` when nothing had to be built)."""
     root = cache_root()
     folder = root / base_key()
-    if not (folder / ".complete").is_file():
+    done = (folder / ".complete").is_file()  # a cache written before per-generation markers: all three
+    missing = [gen for gen in gens if not done and not (folder / f".complete-{gen}").is_file()]
+    if missing:
         for old in root.glob("*") if root.is_dir() else []:
             if old.is_dir() and old != folder:
                 shutil.rmtree(old, ignore_errors=True)
         folder.mkdir(parents=True, exist_ok=True)
-        report = oracle.run("build_bases", {"out": str(folder), "gens": ["v1", "v2", "v3"],
+        report = oracle.run("build_bases", {"out": str(folder), "gens": missing,
                                             "configs": str(reference_dir() / "configs"),
                                             "front_end": str(stand_in_front_ends(folder / "front_end"))},
                             timeout=1800)
-        (folder / ".complete").write_text(str(report))
+        for gen in missing:
+            (folder / f".complete-{gen}").write_text(str(report[gen]))
     else:
         report = {"cached": str(folder)}
-    return {gen: folder / gen for gen in ("v1", "v2", "v3")}, report
+    return {gen: folder / gen for gen in gens}, report
 
 
 def fine_tune(gen: str, base: Path, shards: Path, work: Path) -> list[Path]:

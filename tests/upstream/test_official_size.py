@@ -13,6 +13,8 @@ from __future__ import annotations
 import gc
 import json
 import os
+import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,17 +26,21 @@ from tests.upstream._oracle import Oracle, verdict_ok
 from tests.upstream.conftest import TOKENS
 from tests.upstream.test_exports import MODEL_TYPES, expected_samples
 
-# the session fixtures train, export and run upstream before the first test: more than the suite's 900 s
-# default on a busy 2-core machine
-# Opt-in (COSYTRAIN_UPSTREAM_OFFICIAL=1) until its cost on an idle 2-core CI machine is measured: on the
-# shared development machine (load average ~8) one pass did not finish within 15 minutes (v1 passed
-# fine-tuning and export; the v2 fine-tune step was still running).
+# COSYTRAIN_UPSTREAM_OFFICIAL=1: all three generations (the full path; measured in tests/upstream/README.md,
+# too slow for CI's budget); unset: CI's slice, one generation (SLICE); 0: none. The module fixture builds the
+# bases, trains, exports and runs upstream before the first test: more than the suite's 900 s default.
+_WANTED = os.environ.get("COSYTRAIN_UPSTREAM_OFFICIAL", "")
+SLICE = "v1"
+FULL = _WANTED == "1"
+GENS = ["v1", "v2", "v3"] if FULL else [SLICE]
+# the slice leaves out what costs most and is proven elsewhere: the explicit token2wav (offline and streaming;
+# the tiny exports of test_exports.py run it for every generation, and AutoModel's inference_sft below runs
+# upstream's token2wav at official size) and inference_zero_shot
+AUTO_MODES = ["sft", "zero_shot"] if FULL else ["sft"]
 pytestmark = [pytest.mark.timeout(3600),
-              pytest.mark.skipif(os.environ.get("COSYTRAIN_UPSTREAM_OFFICIAL") != "1",
-                                 reason="official-size oracle path is opt-in: COSYTRAIN_UPSTREAM_OFFICIAL=1")]
+              pytest.mark.skipif(_WANTED == "0", reason="COSYTRAIN_UPSTREAM_OFFICIAL=0: official-size path left out")]
 
 
-GENS = ["v1", "v2", "v3"]
 AUTO_CLASSES = {"v1": "CosyVoice", "v2": "CosyVoice2", "v3": "CosyVoice3"}
 
 
@@ -44,27 +50,44 @@ def official(oracle: Oracle, tmp_path_factory: pytest.TempPathFactory, demo_corp
     from cosytrain.data.demo_corpus import demo_shard_dir
     from cosytrain.export import export_model
 
-    bases, report = _official.bases(oracle)
+    seconds: dict[str, float] = {}  # per phase, written to <basetemp>/official0/seconds.json
+    t0 = time.perf_counter()
+    bases, report = _official.bases(oracle, tuple(GENS))
+    seconds["bases" if "cached" not in report else "bases (cached)"] = time.perf_counter() - t0
     work = tmp_path_factory.mktemp("official")
-    shards = {"v1": demo_shard_dir(demo_corpus[0], 50), "v2": data_25hz.parent, "v3": data_25hz.parent}
-    exports, checkpoints = {}, {}
+    shards = {gen: demo_shard_dir(demo_corpus[0], 50) if gen == "v1" else data_25hz.parent for gen in GENS}
+    exports = {}
     threads, cwd = torch.get_num_threads(), Path.cwd()
     torch.set_num_threads(2)  # official sizes: both cores
     try:
         for gen in GENS:
-            checkpoints[gen] = _official.fine_tune(gen, bases[gen], shards[gen], work / gen)
+            t0 = time.perf_counter()
+            checkpoints = _official.fine_tune(gen, bases[gen], shards[gen], work / gen)
+            seconds[f"fine_tune {gen}"], t0 = time.perf_counter() - t0, time.perf_counter()
             os.chdir(work / gen)  # as a user exports: from the training's working directory (its data paths)
             # check=False: cosytrain's own synthesis check at 0.5B costs minutes on 2 CPU cores, and upstream's
             # verdict below is the stronger one (the small exports of test_exports.py run the check)
-            exports[gen] = export_model(checkpoints[gen], work / f"{gen}_export", base=bases[gen], check=False).output
+            exports[gen] = export_model(checkpoints, work / f"{gen}_export", base=bases[gen], check=False).output
+            seconds[f"export {gen}"] = time.perf_counter() - t0
+            # the checkpoints (1.6 to 3.9 GB a generation) are not needed once exported: keep the run's disk
+            # footprint at the exports (~10 GB) plus one generation's checkpoints
+            shutil.rmtree(work / gen / "runs")
             gc.collect()
     finally:
         os.chdir(cwd)
         torch.set_num_threads(threads)
+    t0 = time.perf_counter()
     verdicts = oracle.run("check_model_dirs", {
-        "dirs": [{"name": gen, "path": str(exports[gen]), "tokens": TOKENS[gen], "auto": True} for gen in GENS],
+        "dirs": [{"name": gen, "path": str(exports[gen]), "tokens": TOKENS[gen], "auto": True, "token2wav": FULL,
+                  "auto_modes": AUTO_MODES} for gen in GENS],
         "prompt_wav": str(prompt_wav), "out_dir": str(work / "wavs")}, timeout=1800)
-    return {"bases": bases, "exports": exports, "checkpoints": checkpoints, "verdicts": verdicts,
+    seconds["upstream oracle"] = time.perf_counter() - t0
+    (work / "seconds.json").write_text(json.dumps({
+        "phases": {k: round(v, 1) for k, v in seconds.items()},
+        "oracle_stages": {gen: {**v.get("stage_seconds", {}),
+                                **{f"auto {m}": (v.get("auto") or {}).get(m, {}).get("seconds") for m in AUTO_MODES}}
+                          for gen, v in verdicts.items()}}, indent=1))
+    return {"bases": bases, "exports": exports, "verdicts": verdicts,
             "build": report, "shards": shards}
 
 
@@ -89,15 +112,16 @@ def test_fine_tuned_export_loads_and_speaks_in_upstream(gen: str, official: dict
     verdict = official["verdicts"][gen]
     verdict_ok(verdict)
     assert verdict["model_type"] == MODEL_TYPES[gen]
-    audio = verdict["token2wav"]
-    assert audio["offline"]["samples"] == expected_samples(gen, TOKENS[gen]) and audio["offline"]["finite"]
-    assert audio["stream"]["chunks"] >= 2 and audio["stream"]["finite"]
+    if FULL:
+        audio = verdict["token2wav"]
+        assert audio["offline"]["samples"] == expected_samples(gen, TOKENS[gen]) and audio["offline"]["finite"]
+        assert audio["stream"]["chunks"] >= 2 and audio["stream"]["finite"]
     assert verdict["auto_error"] is None, f"upstream's AutoModel fails on {verdict['path']}: {verdict['auto_error']}"
     section = json.loads((official["exports"][gen] / "cosytrain.json").read_text())["upstream_front_end"]
     assert section == {**section, "auto_model": True, "missing": []}
     auto = verdict["auto"]
     assert auto["class"] == AUTO_CLASSES[gen] and auto["sample_rate"] == (22050 if gen == "v1" else 24000)
-    for mode in ("sft", "zero_shot"):
+    for mode in AUTO_MODES:
         assert auto[mode]["samples"] > 0 and auto[mode]["finite"], (mode, auto[mode])
         assert Path(auto[mode]["wav"]).stat().st_size > 44, mode
     # the speakers: the base's one plus the demo corpus's, merged into spk2info.pt

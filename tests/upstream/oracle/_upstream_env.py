@@ -44,6 +44,17 @@ def prepare() -> None:
     torch.set_num_threads(int(os.environ.get("COSYTRAIN_ORACLE_THREADS", "2")))
 
 
+def fresh_mel_caches() -> None:
+    """Matcha quirk: ``mel_spectrogram`` caches its mel basis and Hann window in module-level dicts keyed by
+    fmax and device only, so a second config with another n_fft/win_size (v1 1024, v2/v3 1920) in the same
+    process reuses the first one's window (``stft`` then raises); start each config with empty caches, as a
+    fresh upstream process would."""
+    import matcha.utils.audio
+
+    matcha.utils.audio.mel_basis.clear()
+    matcha.utils.audio.hann_window.clear()
+
+
 def error_line(exc: BaseException) -> str:
     """``Type: message`` plus the innermost frame, on one line."""
     frames = traceback.extract_tb(exc.__traceback__)

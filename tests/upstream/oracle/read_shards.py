@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from _upstream_env import main
+from _upstream_env import fresh_mel_caches, main
 
 MODEL_SECTIONS = {"llm", "flow", "hift", "hifigan"}
 
@@ -57,14 +57,9 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
 
 
 def read(request: dict[str, Any]) -> dict[str, Any]:
-    import matcha.utils.audio
     import torch
 
-    # Matcha quirk: mel_spectrogram caches its mel basis and Hann window in module-level dicts keyed by
-    # fmax and device only, so a second config with another n_fft/win_size (v1 1024, v2 1920) would reuse
-    # the first one's window; each case starts with empty caches, as a fresh upstream process would
-    matcha.utils.audio.mel_basis.clear()
-    matcha.utils.audio.hann_window.clear()
+    fresh_mel_caches()  # each case starts as a fresh upstream process would (a Matcha quirk)
     from cosyvoice.dataset.dataset import Dataset
     from hyperpyyaml import load_hyperpyyaml
 
