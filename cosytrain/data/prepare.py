@@ -190,14 +190,14 @@ def _analyse_shard(args: tuple[int, list[Utterance], dict, tuple]) -> tuple[int,
         a16 = [to_16k(a, sr) for _, a, sr, _ in batch]
         tokens = tok.tokenize_batch(a16)
         embs = emb.embed_batch(a16)
-        for (u, _, sr, dur), t, e in zip(batch, tokens, embs):
+        for (u, a, sr, dur), t, e in zip(batch, tokens, embs):
             if len(t) == 0:
                 skipped.append((u.utt, "speech tokenizer returned no tokens"))
             elif not np.isfinite(np.asarray(e, dtype=np.float64)).all():
                 skipped.append((u.utt, "speaker embedding has NaN or Inf"))
             else:
                 ok.append({"utt": u.utt, "speech_token": [int(x) for x in t], "utt_embedding": list(e),
-                           "sample_rate": sr, "duration_s": dur})
+                           "sample_rate": sr, "duration_s": dur, "num_samples": len(a)})
         batch.clear()
 
     for u in utts:
@@ -224,6 +224,7 @@ def _write_one_shard(args: tuple[int, str, list[dict]]) -> tuple[int, list[dict]
             continue
         row = {k: r[k] for k in S.SHARD_COLUMNS if k != "audio_data"}
         row["audio_data"] = data
+        row["num_samples"], row["sample_rate"] = r["num_samples"], r["sample_rate"]  # the index's fact columns
         if r.get("instruct") is not None:
             row["instruct"] = r["instruct"]
         out_rows.append(row)
