@@ -57,6 +57,7 @@ class PrepareConfig:
     min_duration: float = 0.3
     max_duration: float = 60.0
     onnx_batch_size: int = 8
+    speech_tokenizer_device: str | None = None  # e.g. 'cuda': s3tokenizer's PyTorch model instead of onnxruntime
     seed: int = 0
     max_fit_frames: int = 100_000
     progress: bool = True
@@ -116,15 +117,16 @@ def load_checked(u: Utterance, min_duration: float, max_duration: float) -> tupl
 _WORKER: dict[tuple, Any] = {}
 
 
-def _frontends(tokenizer_spec: str, embedder_spec: str, onnx_batch_size: int) -> tuple[Any, Any]:
+def _frontends(tokenizer_spec: str, embedder_spec: str, onnx_batch_size: int,
+               device: str | None = None) -> tuple[Any, Any]:
     """Front-ends built once per process (ONNX sessions cannot cross process boundaries)."""
-    key = (tokenizer_spec, embedder_spec, onnx_batch_size)
+    key = (tokenizer_spec, embedder_spec, onnx_batch_size, device)
     if key not in _WORKER:
         from cosytrain.data.speaker_embedding import load_speaker_embedder
         from cosytrain.data.speech_tokenizer import load_speech_tokenizer
 
         _WORKER.clear()
-        _WORKER[key] = (load_speech_tokenizer(tokenizer_spec, onnx_batch_size),
+        _WORKER[key] = (load_speech_tokenizer(tokenizer_spec, onnx_batch_size, device),
                         load_speaker_embedder(embedder_spec, onnx_batch_size))
     return _WORKER[key]
 
@@ -427,7 +429,7 @@ def _prepare(cfg: PrepareConfig, runner: _Runner) -> PrepareResult:
 
     # Stage 1: tokens and utterance embeddings for the pending shards.
     c = asdict(cfg)
-    specs = (tok_spec, emb_spec, cfg.onnx_batch_size)
+    specs = (tok_spec, emb_spec, cfg.onnx_batch_size, cfg.speech_tokenizer_device)
     analysed: dict[int, tuple[list[dict], list[tuple[str, str]]]] = {}
     tasks1 = [(i, groups[i], c, specs) for i in pending]
     for i, ok, skipped in runner.map(_analyse_shard, tasks1, "tokens+embeddings", lambda t: len(t[1])):
@@ -511,7 +513,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--codebook_size", type=int, default=256, help="built-in tokenizer codebook size")
     p.add_argument("--min_duration", type=float, default=0.3, help="seconds; shorter rows are skipped")
     p.add_argument("--max_duration", type=float, default=60.0, help="seconds; longer rows are skipped")
-    p.add_argument("--onnx_batch_size", type=int, default=8)
+    p.add_argument("--onnx_batch_size", type=int, default=8,
+                   help="utterances per tokenizer/embedding batch (padding does not change the tokens)")
+    p.add_argument("--speech_tokenizer_device", default=None,
+                   help="run the speech tokenizer as s3tokenizer's PyTorch model on this device (e.g. cuda) "
+                        "to tokenize a big corpus on a GPU; needs `pip install s3tokenizer`. Default: "
+                        "onnxruntime (its CUDA provider when onnxruntime-gpu is installed)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
     return p
@@ -525,6 +532,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         speech_tokenizer=a.speech_tokenizer, campplus=a.campplus, token_rate=rate,
                         codebook_size=a.codebook_size, min_duration=a.min_duration,
                         max_duration=a.max_duration, onnx_batch_size=a.onnx_batch_size, seed=a.seed,
+                        speech_tokenizer_device=a.speech_tokenizer_device,
                         progress=not a.no_progress)
     try:
         result = prepare(cfg)
