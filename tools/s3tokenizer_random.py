@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args[0])
     out.mkdir(parents=True, exist_ok=True)
     for version in ("v1", "v2", "v3"):
-        print(export_onnx(build_s3(version, small="--full" not in args), out / f"speech_tokenizer_random_{version}.onnx"))
+        model = build_s3(version, small="--full" not in args)
+        print(export_onnx(model, out / f"speech_tokenizer_random_{version}.onnx"))
     return 0
 
 

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from cosytrain.data import dataset as D
 from cosytrain.data.dataset import (CosyIterableDataset, CosyLoader, ResumableCosyLoader, ShardIndex, StreamOptions,
                                     plan_epoch, read_data_list)
 from cosytrain.data.pipeline import DataError, FeatureConfig, FilterConfig

@@ -33,8 +33,9 @@ def test_two_ranks_through_the_datamodule(tmp_path: Path) -> None:
         env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2",
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONPATH": str(REPO_ROOT),
                "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, "-m", "tests.data._ddp_data_worker", str(tmp_path / f"r{rank}.json"),
-                                       data_list, str(tmp_path / "cache")], cwd=REPO_ROOT, env=env,
+        cmd = [sys.executable, "-m", "tests.data._ddp_data_worker", str(tmp_path / f"r{rank}.json"), data_list,
+               str(tmp_path / "cache")]
+        procs.append(subprocess.Popen(cmd, cwd=REPO_ROOT, env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     logs = [p.communicate(timeout=170)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-3000:] for log in logs)

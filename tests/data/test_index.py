@@ -242,3 +242,22 @@ def test_missing_shard_is_counted_not_cached(tmp_path: Path) -> None:
     assert index.skipped == Counter({"corrupt_shard": 1}) and len(index) == 1
     assert len(list((tmp_path / "cache").glob("*.facts.npz"))) == 1
     assert os.listdir(tmp_path / "cache")
+
+
+def test_batched_text_lengths_equal_encode_for_every_tokenizer_kind(tmp_path: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from cosytrain.data.text_tokenizer import ByteTokenizer, QwenTokenizer
+
+    vocab = {c: i for i, c in enumerate("abcdefghijklmnopqrstuvwxyz ,.!?'<>|[]_")}
+    vocab.update({"th": len(vocab), "he": len(vocab) + 1, "<unk>": len(vocab) + 2})
+    bpe = Tokenizer(models.BPE(vocab, [("t", "h"), ("h", "e")], unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>").save_pretrained(tmp_path / "blanken")
+    texts = ["the theme", "", "hello, world!", "[breath] then <|endofprompt|> more", "x" * 300, "é"]
+    for tok in (ByteTokenizer(), QwenTokenizer(str(tmp_path / "blanken")),
+                QwenTokenizer(str(tmp_path / "blanken"), version="cosyvoice3")):
+        assert tok.encode_lengths(texts) == [len(tok.encode(t)) for t in texts]
+    assert B.text_token_lengths("qwen", str(tmp_path / "blanken"), texts).tolist() == (
+        [len(QwenTokenizer(str(tmp_path / "blanken")).encode(t)) if t else 0 for t in texts])
