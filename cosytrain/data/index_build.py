@@ -190,19 +190,31 @@ def _claim_file(cache: Path, key: str, tok_id: str) -> Path:
     return cache / f"{key}.{tok_id}.claim"
 
 
+def _start_time(pid: int) -> str:
+    """The process's start time in clock ticks since boot (Linux), so a reused pid is not taken for the
+    claimer; "" where /proc is not there."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
 def _try_claim(claim: Path) -> bool:
     try:
         fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
         return False
     with os.fdopen(fd, "w") as f:
-        f.write(f"{socket.gethostname()} {os.getpid()}\n")
+        f.write(f"{socket.gethostname()} {os.getpid()} {_start_time(os.getpid()) or '-'}\n")
     return True
 
 
 def _claim_is_stale(claim: Path) -> bool:
+    """A claim whose owner is gone: same host and its process (pid + start time) no longer runs, or
+    another host and older than ``STALE_CLAIM_S``."""
     try:
-        host, pid = claim.read_text().split()[:2]
+        host, pid, started = (claim.read_text().split() + ["-"])[:3]
         age = time.time() - claim.stat().st_mtime
     except (OSError, ValueError):
         return not claim.exists()
@@ -213,7 +225,7 @@ def _claim_is_stale(claim: Path) -> bool:
             return True
         except (PermissionError, ValueError):
             pass
-        return False
+        return started != "-" and _start_time(int(pid)) not in ("", started)
     return age > STALE_CLAIM_S
 
 

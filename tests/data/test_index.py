@@ -261,3 +261,16 @@ def test_batched_text_lengths_equal_encode_for_every_tokenizer_kind(tmp_path: Pa
         assert tok.encode_lengths(texts) == [len(tok.encode(t)) for t in texts]
     assert B.text_token_lengths("qwen", str(tmp_path / "blanken"), texts).tolist() == (
         [len(QwenTokenizer(str(tmp_path / "blanken")).encode(t)) if t else 0 for t in texts])
+
+
+def test_a_reused_pid_does_not_keep_a_claim_alive(tmp_path: Path) -> None:
+    import socket
+
+    claim = tmp_path / "x.claim"
+    assert B._try_claim(claim) and not B._claim_is_stale(claim)  # ours: alive
+    claim.write_text(f"{socket.gethostname()} {os.getpid()} 1\n")  # our pid, but another start time
+    assert B._claim_is_stale(claim)
+    claim.write_text(f"another-host {os.getpid()} 1\n")  # another host: only its age counts
+    assert not B._claim_is_stale(claim)
+    os.utime(claim, (0, 0))
+    assert B._claim_is_stale(claim)
