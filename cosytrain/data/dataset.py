@@ -165,12 +165,11 @@ class CosyIterableDataset(IterableDataset):
     def _reader(self, plan: EpochPlan, mine: Sequence[int], workers: int) -> RowReader:
         """A reader that knows every row this worker will ask for, in order (its demand)."""
         slices = [plan.batch_slice(i) for i in mine]
-        pos = np.repeat(np.arange(len(slices), dtype=np.int64), [sl.stop - sl.start for sl in slices])
-        take = (np.concatenate([np.arange(sl.start, sl.stop) for sl in slices]) if slices
-                else np.zeros(0, np.int64))
+        pos = np.repeat(np.arange(len(slices), dtype=np.int32), [sl.stop - sl.start for sl in slices])
+        cat = (lambda a: np.concatenate([a[sl] for sl in slices]) if slices else a[:0])  # noqa: E731
         index = self.index
         return RowReader(index.shards, index.row_group_starts, index.rows_per_shard(),
-                         (plan.shard_of[take], plan.row_of[take], pos), self.row_cache_bytes // max(1, workers))
+                         (cat(plan.shard_of), cat(plan.row_of), pos), self.row_cache_bytes // max(1, workers))
 
     def _build(self, reader: RowReader, refs: list[tuple[int, int]], pos: int,
                skipped: Counter) -> Optional[dict[str, Any]]:

@@ -11,14 +11,18 @@ in a few numpy passes instead of a million Python calls. What stays in memory pe
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-from cosytrain.data.index_build import BuildStats, ShardEntry, collect_shards
+from cosytrain.data import index_build
+from cosytrain.data.index_build import BuildStats, ShardEntry, collect_shards, shard_keys
 from cosytrain.data.pipeline import DataError, FeatureConfig, FilterConfig
 from cosytrain.data.shard_facts import AUDIO_ERRORS
 
@@ -30,6 +34,7 @@ REASONS = (None, "undecodable_audio", "empty_audio", "nonfinite_audio", "empty_t
            "too_few_text_tokens", "too_many_text_tokens", "text_audio_ratio", "low_sample_rate",
            "too_short_for_stft")
 _CODE = {r: i for i, r in enumerate(REASONS) if r}
+INDEX_VERSION = 1  # of the whole-index cache file (and of what the checks decide)
 
 
 def resampled_lengths(num_samples: np.ndarray, orig: np.ndarray, new: int) -> np.ndarray:
@@ -169,14 +174,64 @@ class ShardIndex:
     def build(cls, shards: Sequence[str], opts: "object", cache_dir: Optional[str] = None,
               source: str = "data list", rank: int = 0, world_size: int = 1, workers: int = 1) -> "ShardIndex":
         """Index ``shards`` (see ``index_build``): rank ``rank`` of ``world_size`` shares the work of the
-        first launch through ``cache_dir``; ``workers`` processes index in parallel on this rank."""
+        first launch through ``cache_dir``; ``workers`` processes index in parallel on this rank.
+
+        The finished index is also cached whole (``<key>.index.npz``, keyed by every shard's key, the
+        tokenizer and the options the checks and lengths depend on), so a later launch or a resume
+        stats the shards and reads one file.
+        """
+        t0 = time.perf_counter()
+        tok_kind, tok_path = opts.text_tokenizer, opts.text_tokenizer_path  # type: ignore[attr-defined]
+        keys = shard_keys(shards)
+        whole = None
+        if cache_dir is not None:
+            tok_id = index_build.tokenizer_identity(tok_kind, tok_path)
+            raw = json.dumps([INDEX_VERSION, keys, tok_id, repr(opts.feat), repr(opts.filt)])  # type: ignore
+            whole = Path(cache_dir) / f"{hashlib.sha1(raw.encode()).hexdigest()}.index.npz"
+            index = cls._load_whole(whole, shards)
+            if index is not None:
+                index.stats = BuildStats(loaded=len(shards), seconds=time.perf_counter() - t0)
+                if index.skipped:
+                    log.warning("%s: %d of %d rows usable; skipped %s", source, len(index), index.total_rows,
+                                dict(index.skipped))
+                return index
         stats = BuildStats()
-        entries = collect_shards(shards, opts.text_tokenizer, opts.text_tokenizer_path,  # type: ignore
-                                 cache_dir, rank=rank, world_size=world_size, workers=workers, stats=stats)
+        entries = collect_shards(shards, tok_kind, tok_path, cache_dir, rank=rank, world_size=world_size,
+                                 workers=workers, stats=stats, keys=keys)
         index = cls.from_entries(shards, entries, opts, source, stats)
         log.info("%s: indexed %d shard(s) here, %d from the cache, %d waited for (%.1fs)", source,
                  len(stats.indexed), stats.loaded, stats.waited, stats.seconds)
+        if whole is not None:
+            index._save_whole(whole)
         return index
+
+    def _save_whole(self, path: Path) -> None:
+        from cosytrain.utils.atomic import atomic_open
+
+        starts = [np.asarray(a, np.int64) for a in self.row_group_starts]
+        try:
+            with atomic_open(path, "wb") as f:
+                np.savez(f, shard_of=self.shard_of, row_of=self.row_of, frames_of=self.frames_of,
+                         shard_rows=self.rows_per_shard(), starts=np.concatenate(starts),
+                         starts_len=np.asarray([a.size for a in starts], np.int64),
+                         meta=np.array(json.dumps({"skipped": dict(self.skipped), "total": self.total_rows})))
+        except OSError as ex:
+            log.warning("cannot cache the index in %s (%s); later launches rebuild it from the shard caches",
+                        path.parent, ex)
+
+    @classmethod
+    def _load_whole(cls, path: Path, shards: Sequence[str]) -> Optional["ShardIndex"]:
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in ("shard_of", "row_of", "frames_of", "shard_rows", "starts", "starts_len")}
+                meta = json.loads(str(z["meta"]))
+        except (OSError, ValueError, KeyError, EOFError):
+            return None
+        if arrays["shard_rows"].size != len(shards):
+            return None
+        starts = np.split(arrays["starts"], np.cumsum(arrays["starts_len"])[:-1])
+        return cls(list(shards), arrays["shard_of"], arrays["row_of"], arrays["frames_of"], starts,
+                   Counter(meta["skipped"]), int(meta["total"]), arrays["shard_rows"])
 
     def __len__(self) -> int:
         return int(self.shard_of.shape[0])

@@ -255,9 +255,20 @@ def walk_order(n: int, rank: int, world_size: int) -> list[int]:
     return own + [s for s in range(n - 1, -1, -1) if s not in mine]
 
 
+def shard_keys(shards: Sequence[str]) -> list[Optional[str]]:
+    """``shard_key`` of every shard; None for a missing one (indexed as an error locally, never cached)."""
+    keys: list[Optional[str]] = []
+    for p in shards:
+        try:
+            keys.append(shard_key(p))
+        except OSError:
+            keys.append(None)
+    return keys
+
+
 def collect_shards(shards: Sequence[str], tok_kind: str, tok_path: Optional[str], cache_dir: Optional[str],
-                   rank: int = 0, world_size: int = 1, workers: int = 1,
-                   stats: Optional[BuildStats] = None) -> Iterator[tuple[int, ShardEntry]]:
+                   rank: int = 0, world_size: int = 1, workers: int = 1, stats: Optional[BuildStats] = None,
+                   keys: Optional[list[Optional[str]]] = None) -> Iterator[tuple[int, ShardEntry]]:
     """Yield ``(shard number, entry)`` once for every shard, in no particular order."""
     t0 = time.perf_counter()
     stats = stats if stats is not None else BuildStats()
@@ -269,12 +280,7 @@ def collect_shards(shards: Sequence[str], tok_kind: str, tok_path: Optional[str]
         except OSError as ex:
             log.warning("index cache %s unusable (%s); every rank indexes every shard itself", cache, ex)
             cache = None
-    keys: list[Optional[str]] = []
-    for p in shards:
-        try:
-            keys.append(shard_key(p))
-        except OSError:
-            keys.append(None)  # missing shard: indexed (as an error) locally, never cached
+    keys = shard_keys(shards) if keys is None else keys
     order = walk_order(len(shards), rank, world_size) if cache is not None else list(range(len(shards)))
     if workers > 1:  # a pool pays process start-up: only worth it for more than a few shards to index
         todo = sum(1 for s, k in enumerate(keys) if cache is None or k is None

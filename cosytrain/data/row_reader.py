@@ -81,8 +81,11 @@ class RowReader:
         self.columns = tuple(columns)
         shard, row, pos = demand
         gid = self.base[np.asarray(shard, np.int64)] + np.asarray(row, np.int64)
-        order = np.lexsort((pos, gid))
-        self._gid, self._pos = gid[order], np.asarray(pos, np.int64)[order]
+        if self.base[-1] < 2**31:
+            gid = gid.astype(np.int32)
+        order = np.lexsort((pos, gid))  # by row, then by when it is used
+        self._gid, self._pos = gid[order], np.asarray(pos, np.int32)[order]
+        del order, gid
         self._rows: dict[int, tuple[dict[str, Any], int, int]] = {}  # gid -> (row, nbytes, next use)
         self._heap: list[tuple[int, int]] = []  # (-next use, gid), lazily cleaned
         self.bytes = 0

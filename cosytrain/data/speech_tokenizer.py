@@ -7,9 +7,10 @@ Batching pads the log-mels; the tokenizers mask padding (convolution inputs, att
 so each utterance's tokens equal a one-at-a-time run: shown on the real v1/v2/v3 architectures (the
 ``s3tokenizer`` package's models with random weights, and their ONNX export through this module) in
 ``tests/data/test_s3_tokenizer.py``. The hidden states of a padded batch differ from a lone run's by
-float summation order (about 1e-6), so a value sitting that close to a quantiser boundary could in
-principle flip a token; none did in the measured utterances (see ``docs``), and ``batch_size=1`` is
-bit-exact by construction.
+float summation order (1e-6 to 1e-5 at the official sizes), so a value sitting that close to a
+quantiser boundary could in principle flip a token; none did in the measured utterances
+(``bench/tokenizer_padding.py``, figures in ``bench/README.md``), and ``batch_size=1`` is upstream's
+call exactly.
 
 The ONNX path reproduces upstream ``tools/extract_speech_token.py``: whisper's 128-bin log-mel
 (n_fft 400, hop 160, Hann, slaney mel, log10, clamp to max-8, (x+4)/4), inputs ``feats`` [B,128,T]

@@ -154,8 +154,18 @@ def test_second_launch_reads_only_the_cache_and_a_new_tokenizer_only_the_texts(t
     real_read = F.read_shard_facts
     monkeypatch.setattr(B, "read_shard_facts", lambda path, **kw: pytest.fail(f"{path} read again"))
     monkeypatch.setattr(B, "_read_texts", lambda path: pytest.fail(f"{path} texts read again"))
+    real_load = B.load_cached
+    monkeypatch.setattr(B, "load_cached", lambda *a: pytest.fail("per-shard files read: the whole index is cached"))
     second = ShardIndex.build(shards, OPTS, cache_dir=str(cache))
     assert second.fingerprint() == first.fingerprint() and second.stats.loaded == 2 and not second.stats.indexed
+    assert second.skipped == first.skipped and second.total_rows == first.total_rows
+    assert [list(a) for a in second.row_group_starts] == [list(a) for a in first.row_group_starts]
+    monkeypatch.setattr(B, "load_cached", real_load)
+    # other options (here the frame budget's mel hop): the per-shard facts are reused, no shard is read
+    import dataclasses
+
+    other = dataclasses.replace(OPTS, feat=FeatureConfig(hop_size=240))
+    assert not ShardIndex.build(shards, other, cache_dir=str(cache)).stats.indexed
     # another tokenizer identity: the facts come from the cache, only the texts are read and counted
     monkeypatch.setattr(B, "_read_texts", lambda path: [t for t in real_read(path).texts])
     monkeypatch.setattr(B, "tokenizer_identity", lambda kind, path: "another-vocab")

@@ -110,3 +110,20 @@ def test_window_shuffle_and_sort_keep_upstreams_windows() -> None:
     sorted_items = window_sort(items, frames, 20)
     want = list(P.sort(list(items), 20, key=lambda i: int(frames[i])))
     assert sorted_items.tolist() == want
+
+
+def test_shard_block_order_equals_sorting_every_row() -> None:
+    from collections import Counter
+
+    from cosytrain.data.index import ShardIndex
+    from cosytrain.data.plan import shard_order_positions
+
+    rng = np.random.default_rng(0)
+    sizes = rng.integers(0, 7, 12)  # empty shards included
+    shard_of = np.repeat(np.arange(12, dtype=np.int32), sizes)
+    row_of = np.concatenate([np.sort(rng.choice(20, n, replace=False)) for n in sizes]).astype(np.int32)
+    index = ShardIndex([f"s{i}" for i in range(12)], shard_of, row_of, np.ones_like(row_of), [], Counter())
+    order = [int(x) for x in rng.permutation(12)]
+    shard_pos = np.empty(12, np.int64)
+    shard_pos[order] = np.arange(12)
+    assert shard_order_positions(index, order).tolist() == np.lexsort((row_of, shard_pos[shard_of])).tolist()
