@@ -233,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--audio_rows", type=int, default=10000, help="rows of the 0.3-s vs 5-s comparison")
     ap.add_argument("--skip_10m", action="store_true")
     ap.add_argument("--only", default="main,workers,audio,groups,10m")
+    ap.add_argument("--layouts", default="cosytrain,upstream")
     ap.add_argument("--_launch", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--_index", type=int, default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -260,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         if "main" in only:
             print(HEADER)
             for rows in [int(r) for r in a.rows.split(",")]:
-                for layout in ("cosytrain", "upstream"):
+                for layout in a.layouts.split(","):
                     t0 = time.perf_counter()
                     dl = make_corpus(root / f"{layout}-{rows}", rows, a.seconds, layout)
                     made = time.perf_counter() - t0
