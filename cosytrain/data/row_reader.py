@@ -2,13 +2,19 @@
 
 The worker knows its whole future: the planned batches it will build, in order. So the cache keeps
 exactly the rows still to be used and, when full, evicts the row whose next use is farthest away
-(Belady's rule, optimal for a known sequence). On a miss the row's row group is *streamed*
-(``iter_batches`` of ``BATCH_ROWS`` rows, pages read incrementally, only the needed columns) and
-every row this worker will need later is offered to the cache; reading stops after the last such
-row. Memory is therefore ``budget`` plus one read batch whatever the row-group size (upstream's
-``make_parquet_list.py`` writes 1,000-row groups: 220 MB of 5-s audio each), and a group is read
-about once per worker per epoch when the budget holds a shuffle window's rows, a few times when it
-does not (it is re-streamed; rows arrive in row order).
+(Belady's rule, optimal for a known sequence). On a miss the row's row group is read with
+``iter_batches`` (``BATCH_ROWS`` rows at a time, only the needed columns) and every row this worker
+will need later is offered to the cache; reading stops after the last such row. What the cache holds
+is bounded by ``budget`` whatever the corpus or the row-group size, and a row group is read about
+once per worker per epoch when the budget holds a shuffle window's rows (a few times when it does
+not: it is re-read, rows arrive in row order).
+
+The read itself is not bounded by the budget: parquet compresses a data page whole, and pyarrow
+writes a column chunk as one page when a row group is written in one call, as upstream's
+``make_parquet_list.py`` does (one 1,000-row group per shard). Reading any row of such a shard then
+decompresses all of its audio, about 2x the column for a moment (measured: 310 MB of Arrow memory
+for the first 16 rows of 1,000 5-s utterances). ``prepare`` writes 64-row groups (a few MB), and
+``python -m cosytrain.data.reshard`` rewrites upstream's shards that way once.
 
 Rows are dicts of compact values: ``audio_data`` bytes, ``text``/``utt``/``instruct`` str, and numpy
 arrays for ``speech_token`` (int64) and the embeddings (float64), which every pipeline stage reads
