@@ -19,7 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("cosytrain.data.prepare:main", "turn a Kaldi- or LJSpeech-style folder into parquet shards"),
     "demo-corpus": ("cosytrain.data.demo_corpus:main", "synthesise and prepare the embedded demo corpus"),
     "export": ("cosytrain.export:main", "export checkpoints to an upstream-layout model directory (averaging, --base)"),
-    "check-fp16": ("cosytrain.evaluation.fp16_check:main",
+    "check-fp16": ("cosytrain.evaluation.fp16_cli:main",
                    "compare a model directory under FP16 autocast with FP32 (fp16_check.json, model card)"),
     "synthesize": ("cosytrain.inference.synthesize:main", "synthesise text with a model directory to a wav file"),
 }

@@ -23,12 +23,26 @@ FAST = ["--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false"
         "--trainer.enable_model_summary", "false", "--trainer.limit_val_batches", "1"]
 
 
+def _cheap_recipe(folder: Path) -> Path:
+    """recipes/sft.yaml with its SynthesisCallback cut to one utterance and three conditions (CI time)."""
+    import yaml
+
+    recipe = yaml.safe_load((REPO_ROOT / "recipes" / "sft.yaml").read_text())
+    for callback in recipe["trainer"]["callbacks"]:
+        if callback["class_path"].endswith("SynthesisCallback"):
+            callback["init_args"].update(num_utterances=1, conditions=["vocoder_gt", "flow_gt", "full"])
+    text = yaml.safe_dump(recipe).replace("../conf/", f"{REPO_ROOT}/conf/")
+    path = folder / "sft.yaml"
+    path.write_text(text)
+    return path
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, demo_corpus):
     """Train the default recipe (4 steps, validation every 2) and the demo vocoder (1 step)."""
     root = str(demo_corpus[0])
     out = tmp_path_factory.mktemp("runs")
-    sft = ["fit", "--config", str(REPO_ROOT / "recipes" / "sft.yaml"), "--data.init_args.root", root,
+    sft = ["fit", "--config", str(_cheap_recipe(out)), "--data.init_args.root", root,
            "--trainer.default_root_dir", str(out / "sft"), "--trainer.max_steps", "4",
            "--trainer.val_check_interval", "2", *FAST]
     assert cli.main(sft) == 0
@@ -56,6 +70,47 @@ def test_default_recipe_logs_fp16_figures_and_keeps_best_and_last(runs):
     assert "last.ckpt" in checkpoints and any(name.startswith("step=") and "val_loss=" in name for name in checkpoints)
 
 
+def test_default_recipe_listens_and_measures(runs):
+    """SynthesisCallback: synth/* figures every validation, audio + mel figures, a report, a checkpoint by MCD."""
+    scalars = _scalars(runs / "sft")
+    for condition in ("vocoder_gt", "flow_gt", "full"):
+        for figure in ("mcd", "lf0_rmse", "vde", "duration_ratio", "sim"):
+            assert len(scalars[f"synth/{condition}/{figure}"]) == 2, (condition, figure)  # steps 2 and 4
+    floor, flow = scalars["synth/vocoder_gt/mcd"][-1], scalars["synth/flow_gt/mcd"][-1]
+    assert floor < 10 and floor < flow  # Griffin-Lim on the true mel vs a 4-step flow
+    assert scalars["synth/vocoder_gt/sim"][-1] > 0.9 > scalars["synth/flow_gt/sim"][-1]
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(runs / "sft"), size_guidance={"audio": 0, "images": 0})
+    events.Reload()
+    audio, images = set(events.Tags()["audio"]), set(events.Tags()["images"])
+    utt = next(tag.split("/")[1] for tag in audio if tag.startswith("synth/"))
+    assert {f"synth/{utt}/{c}" for c in ("target", "vocoder_gt", "flow_gt", "full")} <= audio
+    figure = events.Images(f"synth/{utt}/mels")[-1]
+    assert figure.width >= 1000 and figure.height >= 300  # readable, not a thumbnail
+
+    report = runs / "sft" / "synthesis" / "step_00000004" / "report.md"
+    text = report.read_text()
+    assert "vocoder on true mel (floor)" in text and f"({utt}_full.wav)" in text
+    assert (report.parent / f"{utt}_full.wav").is_file() and (report.parent / f"{utt}.png").is_file()
+    by_mcd = [p.name for p in (runs / "sft" / "checkpoints").iterdir() if "full_mcd=" in p.name]
+    assert len(by_mcd) == 1
+
+
+def test_export_best_by_a_synthesis_figure(runs, tmp_path):
+    from cosytrain.export import checkpoint_infos, select_checkpoints
+
+    ckpts = runs / "sft" / "checkpoints"
+    # kept by val/loss and by synth/full/mcd: without --monitor, best:N means best by validation loss (README)
+    _, default = select_checkpoints(checkpoint_infos([ckpts]), "best:1")
+    assert default["monitor"] == "val/loss"
+    chosen, how = select_checkpoints(checkpoint_infos([ckpts]), "best:1", monitor="synth/full/mcd")
+    assert how == {"mode": "best", "n": 1, "monitor": "synth/full/mcd", "direction": "min"}
+    values = _scalars(runs / "sft")["synth/full/mcd"]
+    assert chosen[0].score == pytest.approx(min(values), rel=1e-5)
+
+
 def test_export_reload_and_synthesize(runs, tmp_path, capsys):
     out = tmp_path / "model"
     with pytest.warns(RuntimeWarning, match="'byte' text tokenizer"):
@@ -78,7 +133,7 @@ def test_export_reload_and_synthesize(runs, tmp_path, capsys):
 
     # best:1 of the default run on top of the first export as the base (the vocoder comes from it)
     best = tmp_path / "best"
-    assert cli.main(["export", str(runs / "sft" / "checkpoints"), "--average", "best:1", "--base", str(out),
-                     "-o", str(best)]) == 0
+    assert cli.main(["export", str(runs / "sft" / "checkpoints"), "--average", "best:1", "--monitor", "val/loss",
+                     "--base", str(out), "-o", str(best)]) == 0
     chosen = json.loads((best / "cosytrain.json").read_text())["parts"]["llm"]["checkpoints"]
     assert len(chosen) == 1 and "val_loss=" in Path(chosen[0]["path"]).name

@@ -225,6 +225,18 @@ def test_pickled_objects_in_a_checkpoint_are_named(tmp_path: Path) -> None:
         checkpoint_infos([path])
 
 
+def test_zero_helper_writes_part_files_by_prefix(tmp_path: Path) -> None:
+    from cosytrain.export.zero_to_state_dict import consolidate, write_part_files
+
+    sd = {"llm.a.weight": torch.ones(2, 2), "flow.b.bias": torch.zeros(3, dtype=torch.float16), "other": torch.ones(1)}
+    written = write_part_files(sd, tmp_path)
+    assert set(written) == {"llm", "flow"}
+    flow = torch.load(written["flow"], weights_only=True)
+    assert list(flow) == ["b.bias"] and flow["b.bias"].dtype == torch.float32
+    with pytest.raises(NotADirectoryError):
+        consolidate(tmp_path / "llm.pt", tmp_path / "out.ckpt")
+
+
 def test_deepspeed_folder_without_deepspeed_is_a_clear_error(tmp_path: Path) -> None:
     folder = tmp_path / "epoch=0-step=1.ckpt"
     (folder / "checkpoint").mkdir(parents=True)
@@ -271,7 +283,7 @@ def test_a_real_lightning_checkpoint_of_the_speech_task(tmp_path: Path, base: Pa
 
 def test_fp16_figures_of_the_training_run_go_into_the_model_card(tmp_path: Path, base: Path) -> None:
     """The newest checkpoint's FP16EvalCallback figures become cosytrain.json's fp16_check section."""
-    from cosytrain.evaluation.fp16_check import CALLBACK_STATE_KEY, MODEL_CARD_KEY
+    from cosytrain.evaluation.fp16_figures import CALLBACK_STATE_KEY, MODEL_CARD_KEY
 
     ckpts = []
     for step, agreement in ((10, 0.5), (20, 0.99)):
@@ -286,3 +298,21 @@ def test_fp16_figures_of_the_training_run_go_into_the_model_card(tmp_path: Path,
                        / "cosytrain.json").read_text())[MODEL_CARD_KEY]
     assert card["passed"] is True and card["stages"]["llm"]["top1_agreement"] == 0.99
     assert "step 20" in card["measured_on"]
+
+
+def test_best_n_with_several_monitors_defaults_to_val_loss_or_asks():
+    """Kept by several metrics: best:N without --monitor means val/loss (README); without val/loss it asks."""
+    from cosytrain.export.checkpoints import CheckpointInfo, select_checkpoints
+
+    def infos(monitors):
+        scores = {name: {f"c{i}.ckpt": float(s) for i, s in enumerate(values)} for name, values in monitors.items()}
+        return [CheckpointInfo(Path(f"c{i}.ckpt"), 0, i, ("llm",),
+                               {name: ("min", scores[name]) for name in monitors}) for i in range(3)]
+
+    chosen, how = select_checkpoints(infos({"val/loss": [3, 1, 2], "synth/full/mcd": [1, 3, 2]}), "best:1")
+    assert how["monitor"] == "val/loss" and chosen[0].name == "c1.ckpt"
+    chosen, how = select_checkpoints(infos({"val/loss": [3, 1, 2], "synth/full/mcd": [1, 3, 2]}), "best:1",
+                                     monitor="synth/full/mcd")
+    assert chosen[0].name == "c0.ckpt"
+    with pytest.raises(ExportError, match="several metrics"):
+        select_checkpoints(infos({"val/acc": [3, 1, 2], "synth/full/mcd": [1, 3, 2]}), "best:1")

@@ -230,7 +230,7 @@ def _classes(node: Any) -> list[str]:
 @pytest.mark.parametrize("gen", ["v2", "v3"])
 @pytest.mark.parametrize("part", ["llm", "flow", "hift"])
 def test_official_conf_matches_upstream_manifest(gen: str, part: str, tmp_path: Path) -> None:
-    from cosytrain.models.registry import Builder
+    from cosytrain.modeldir import Builder
 
     manifest = load_manifest(f"{gen}_{part}")
     cfg = _load_cli_yaml(REPO_ROOT / "conf" / "model" / f"{part}_{gen}.yaml")
@@ -253,7 +253,7 @@ def test_official_conf_matches_upstream_manifest(gen: str, part: str, tmp_path: 
 
 
 def _tiny_parts(gen: str) -> dict[str, torch.nn.Module]:
-    from cosytrain.models.registry import Builder
+    from cosytrain.modeldir import Builder
 
     parts = {}
     for part in ("llm", "flow", "hift"):

@@ -28,7 +28,9 @@ def test_recipe_parses(recipe, capsys):
 def test_default_recipe_is_the_demo_with_validation_and_best_k():
     recipe = yaml.safe_load((RECIPES[0].parent / "sft.yaml").read_text())
     callbacks = {c["class_path"].rsplit(".", 1)[-1]: c.get("init_args", {}) for c in recipe["trainer"]["callbacks"]}
-    assert callbacks["ModelCheckpoint"]["monitor"] == "val/loss" and callbacks["ModelCheckpoint"]["save_top_k"] > 0
-    assert "StepCheckpoint" in callbacks and "MelImageLogger" in callbacks
+    monitors = {c["init_args"]["monitor"]: c["init_args"] for c in recipe["trainer"]["callbacks"]
+                if c["class_path"].endswith("ModelCheckpoint")}
+    assert monitors["val/loss"]["save_top_k"] > 0 and monitors["synth/full/mcd"]["mode"] == "min"
+    assert "StepCheckpoint" in callbacks and "MelImageLogger" in callbacks and "SynthesisCallback" in callbacks
     data = yaml.safe_load((RECIPES[0].parent / recipe["data"]).read_text())
     assert data["class_path"].endswith("DemoDataModule") and data["init_args"]["val_shards"] >= 1

@@ -1,7 +1,7 @@
 """Write a config-only Qwen2 folder (a ``CosyVoice-BlankEN`` stand-in) for the tiny CosyVoice 2/3 recipes.
 
 No pretrained Qwen weights are available offline and a tiny model need not start from any:
-``cosytrain.models.qwen_llm.build_qwen2`` builds a randomly initialised Qwen2 from a folder that
+``cosytrain.models.llm.qwen_lm.build_qwen2`` builds a randomly initialised Qwen2 from a folder that
 holds only ``config.json``. The vocabulary is the byte text tokenizer's 257 ids (the demo corpus's
 ``text_tokenizer: byte``), so the text embedding table is exactly as large as the ids fed to it.
 

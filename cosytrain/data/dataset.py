@@ -39,6 +39,10 @@ find its place in the stream. Here the batching is *planned* before any audio is
 Rows found bad only while streaming (a file changed under us, a feature failure) are dropped from
 their batch and counted; a batch left empty is replaced by the previous good batch of the worker,
 so the count never changes.
+
+Index (``index.py``, ``index_build.py``, ``shard_facts.py``), plan (``plan.py``) and the row reader
+(``row_reader.py``) are modules of their own; this one holds the loaders and the position, the part
+of the contract (equal batch counts, exact resume) that counts what the plan made from the index.
 """
 
 from __future__ import annotations

@@ -33,7 +33,8 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
-from cosytrain.data.shard_facts import FACT_DTYPE, FACTS_VERSION, ShardFacts, read_shard_facts
+from cosytrain.data.shard_facts import (FACT_COLUMNS, FACT_DTYPE, FACTS_VERSION, SCAN_COLUMNS, STORED_FIELDS,
+                                        ShardFacts, batch_facts, has_fact_columns)
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,47 @@ def text_token_lengths(kind: str, path: Optional[str], texts: Sequence[str]) -> 
         out = np.fromiter((len(tok.encode(t)) for t in texts), np.int32, len(texts))
     out[[not t for t in texts]] = 0
     return out
+
+
+# ------------------------------------------------------------------------------------ one shard
+
+
+def read_shard_facts(path: str, batch_rows: int = 64) -> ShardFacts:
+    """Facts of every row of ``path``: from the ``cosytrain_*`` columns when present, else by a scan.
+
+    A shard that cannot be opened, lacks a required column or breaks mid-read is returned with its
+    one-line ``error`` (the whole shard is skipped, as before).
+    """
+    import pyarrow.parquet as pq
+
+    from cosytrain.data.shards import _one_line, check_shard
+
+    reason = check_shard(path)
+    if reason is not None:
+        return ShardFacts.failed(reason)
+    try:
+        pf = pq.ParquetFile(path, buffer_size=1 << 20, pre_buffer=False)
+        groups = np.asarray([pf.metadata.row_group(i).num_rows for i in range(pf.metadata.num_row_groups)],
+                            np.int64)
+        if has_fact_columns(pf.schema_arrow):
+            table = pf.read(columns=[*FACT_COLUMNS, "text"], use_threads=False)
+            facts = np.zeros(table.num_rows, FACT_DTYPE)
+            for name, col in zip(STORED_FIELDS, FACT_COLUMNS):
+                facts[name] = table.column(col).to_numpy(zero_copy_only=False)
+            texts = [t if isinstance(t, str) else "" for t in table.column("text").to_pylist()]
+            facts["text_blank"] = [not t.strip() for t in texts]
+            return ShardFacts(facts, texts, groups, None, from_columns=True)
+        have = set(pf.schema_arrow.names)
+        parts, texts = [], []
+        for batch in pf.iter_batches(batch_size=batch_rows, columns=[c for c in SCAN_COLUMNS if c in have],
+                                     use_threads=False):
+            f, t = batch_facts(batch)
+            parts.append(f)
+            texts += t
+        facts = np.concatenate(parts) if parts else np.zeros(0, FACT_DTYPE)
+        return ShardFacts(facts, texts, groups)
+    except Exception as ex:  # noqa: BLE001 - a shard that breaks mid-read is skipped whole
+        return ShardFacts.failed(_one_line(ex))
 
 
 # ----------------------------------------------------------------------------------------- cache

@@ -24,6 +24,10 @@ Deviations from upstream, each marked ``# upstream:`` where it happens:
 * ``pitch_feat`` is float32 (upstream float64);
 * ``compute_fbank`` can trim ``speech_feat``/``speech_token`` to ``token_mel_ratio`` alignment as an
   earlier upstream revision did (``token_mel_ratio=0`` turns it off, the current upstream default).
+
+Why one module over 450 lines: it is upstream's ``processor.py``, stage for stage, with the shared
+per-row checks the stages and the dataset's planning pass must agree on; kept whole so it can be
+read against upstream's file and so the checks cannot drift from the stages that apply them.
 """
 
 from __future__ import annotations

@@ -15,12 +15,11 @@ from __future__ import annotations
 import random
 import zlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 if TYPE_CHECKING:
-    from cosytrain.data.dataset import StreamOptions
     from cosytrain.data.index import ShardIndex
 
 # bump when the plan of the same index and options changes, so a saved data position is not misread
@@ -125,8 +124,8 @@ def batch_bounds(frames: np.ndarray, batch_type: str, batch_size: int, max_frame
     return np.asarray(starts, np.int64)
 
 
-def plan_epoch(index: "ShardIndex", opts: "StreamOptions", epoch: int, world_size: int, rank: int) -> EpochPlan:
-    """The deterministic batch plan described in ``dataset.py``."""
+def plan_epoch(index: "ShardIndex", opts: Any, epoch: int, world_size: int, rank: int) -> EpochPlan:
+    """The deterministic batch plan described in ``dataset.py`` (``opts``: its ``StreamOptions``)."""
     n_shards = len(index.shards)
     shard_order = list(range(n_shards))
     if opts.shuffle:

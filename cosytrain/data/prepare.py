@@ -13,6 +13,11 @@ command. Stages, each parallel over ``--num_workers`` processes:
 
 A shard whose manifest entry matches its inputs and front-ends (by fingerprint) and whose file still
 opens is not redone; its utterance embeddings are read back from the shard for the speaker means.
+
+Why one module over 450 lines: it is one resumable command whose stages share the worker set-up,
+the fingerprints and the manifest; the readers of source folders (``sources.py``), the shards
+(``shards.py``) and the front ends (``speech_tokenizer.py``, ``speaker_embedding.py``) are already
+modules of their own.
 """
 
 from __future__ import annotations

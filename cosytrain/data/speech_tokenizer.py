@@ -55,11 +55,9 @@ def _mel_filters(n_mels: int) -> torch.Tensor:
     """[n_mels, 201] slaney-scale, slaney-normalised filters: what whisper's ``mel_filters.npz`` holds
     (it was made with ``librosa.filters.mel(sr=16000, n_fft=400, n_mels=n)``)."""
     if n_mels not in _MEL_CACHE:
-        import torchaudio.functional as AF
+        from cosytrain.data.features import slaney_mel_filterbank
 
-        fb = AF.melscale_fbanks(n_freqs=N_FFT // 2 + 1, f_min=0.0, f_max=SAMPLE_RATE / 2, n_mels=n_mels,
-                                sample_rate=SAMPLE_RATE, norm="slaney", mel_scale="slaney")
-        _MEL_CACHE[n_mels] = fb.T.contiguous()
+        _MEL_CACHE[n_mels] = slaney_mel_filterbank(SAMPLE_RATE, N_FFT, n_mels)
     return _MEL_CACHE[n_mels]
 
 

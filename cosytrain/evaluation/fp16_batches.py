@@ -18,6 +18,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from cosytrain.modeldir import METADATA_FILE
+
 __all__ = ["DEFAULT_SEED", "batch_size", "take_utterances", "synthetic_batch"]
 
 DEFAULT_SEED = 1234
@@ -153,7 +155,7 @@ def _feature_conf(config: Mapping[str, Any], hift: Optional[nn.Module], generati
 def _card_tokenizer(model_dir: Path) -> Optional[str]:
     """The text tokenizer the export recorded (``run_text_tokenizer`` in cosytrain.json), if any."""
     try:
-        value = json.loads((model_dir / "cosytrain.json").read_text(encoding="utf-8")).get("run_text_tokenizer")
+        value = json.loads((model_dir / METADATA_FILE).read_text(encoding="utf-8")).get("run_text_tokenizer")
     except (OSError, ValueError, AttributeError):
         return None
     return value if isinstance(value, str) else None

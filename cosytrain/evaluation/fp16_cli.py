@@ -1,10 +1,9 @@
 """``python -m cosytrain check-fp16 --model_dir DIR [--data data.list]``: the FP16-vs-FP32 check of a
-model directory (:func:`main`), its table (:func:`format_table`) and the model card.
+model directory (:func:`main`).
 
-The check itself is :func:`cosytrain.evaluation.fp16_check.run_fp16_check`. The figures are written to
-``fp16_check.json`` and, as :func:`model_card_section`, under :data:`MODEL_CARD_KEY` in the model
-directory's ``cosytrain.json`` (``cosytrain export`` writes the same section from the last figures an
-``FP16EvalCallback`` saved into the checkpoint: :func:`figures_from_checkpoint`).
+Runs :func:`cosytrain.evaluation.fp16_check.run_fp16_check` on the directory's parts, prints
+:func:`~cosytrain.evaluation.fp16_figures.format_table`, writes the figures to ``fp16_check.json``
+and the model-card section into the directory's ``cosytrain.json``.
 """
 
 from __future__ import annotations
@@ -19,91 +18,18 @@ from typing import Any, Optional
 import torch
 
 from cosytrain.evaluation.fp16_batches import DEFAULT_SEED, _data_batches, _feature_conf, _synthetic_for
+from cosytrain.evaluation.fp16_check import run_fp16_check
+from cosytrain.evaluation.fp16_figures import (
+    MODEL_CARD_KEY,
+    RESULT_FILE,
+    format_table,
+    model_card_section,
+    resolve_tolerances,
+)
+from cosytrain.modeldir import METADATA_FILE, PARTS, ModelDirError, open_model_dir
+from cosytrain.utils.atomic import atomic_write_text
 
-# fp16_check imports this module (and re-exports its names), so names of fp16_check are imported
-# where they are used, inside the functions.
-
-__all__ = [
-    "MODEL_CARD_KEY",
-    "CALLBACK_STATE_KEY",
-    "RESULT_FILE",
-    "format_table",
-    "model_card_section",
-    "figures_from_checkpoint",
-    "main",
-]
-
-#: ``cosytrain.json`` key holding :func:`model_card_section`.
-MODEL_CARD_KEY = "fp16_check"
-#: ``checkpoint['callbacks']`` key of :class:`cosytrain.tasks.fp16_callback.FP16EvalCallback`'s state.
-CALLBACK_STATE_KEY = "FP16EvalCallback"
-RESULT_FILE = "fp16_check.json"
-
-
-def format_table(figures: Mapping[str, Any]) -> str:
-    """A plain-text table: stage, metric, value, bound, ok."""
-    from cosytrain.evaluation.fp16_check import HIGHER_IS_BETTER, _passes
-
-    tols = figures.get("tolerances", {})
-    rows = [("stage", "metric", "value", "bound", "ok")]
-    for stage, figs in figures.get("stages", {}).items():
-        if "error" in figs:
-            rows.append((stage, "error", figs["error"], "", "FAIL"))
-            continue
-        for metric, value in figs.items():
-            if not isinstance(value, (int, float)) or isinstance(value, bool):
-                continue
-            bound = tols.get(f"{stage}/{metric}")
-            ok = "" if bound is None else ("ok" if _passes(metric, value, bound) else "FAIL")
-            shown_bound = "" if bound is None else (">= " if metric in HIGHER_IS_BETTER else "<= ") + f"{bound:.4g}"
-            shown = str(value) if isinstance(value, int) else f"{value:.6g}"
-            rows.append((stage, metric, shown, shown_bound, ok))
-    widths = [max(len(str(r[c])) for r in rows) for c in range(5)]
-    lines = ["  ".join(str(r[c]).ljust(widths[c]) for c in range(5)).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    for stage, reason in figures.get("skipped", {}).items():
-        lines.append(f"{stage}: skipped ({reason})")
-    for stage, message in figures.get("errors", {}).items():
-        lines.append(f"{stage}: NOT CHECKED, it could not run: {message}")
-    note = figures.get("autocast", {}).get("note")
-    if note:
-        lines.append(f"precision: {note}")
-    if not figures.get("passed"):
-        lines.append("FAILED: " + "; ".join(figures.get("failures", [])))
-    elif figures.get("errors"):
-        lines.append(f"INCOMPLETE: {', '.join(figures['errors'])} not checked; the checked stages are within bounds")
-    else:
-        lines.append("PASSED")
-    return "\n".join(lines)
-
-
-def model_card_section(figures: Mapping[str, Any]) -> dict[str, Any]:
-    """What ``cosytrain.json`` stores under :data:`MODEL_CARD_KEY`: verdict, precision note and figures."""
-    from cosytrain.evaluation.fp16_check import _plain
-
-    return _plain({
-        "passed": bool(figures.get("passed")),
-        "failures": list(figures.get("failures", [])),
-        "autocast": dict(figures.get("autocast", {})),
-        "num_utterances": figures.get("num_utterances"),
-        "seed": figures.get("seed"),
-        "stages": dict(figures.get("stages", {})),
-        "skipped": dict(figures.get("skipped", {})),
-        "errors": dict(figures.get("errors", {})),
-        "tolerances": dict(figures.get("tolerances", {})),
-        **({"source": figures["source"]} if "source" in figures else {}),
-    })
-
-
-def figures_from_checkpoint(checkpoint: Mapping[str, Any]) -> Optional[dict[str, Any]]:
-    """The last figures an :class:`FP16EvalCallback` saved into a Lightning checkpoint dict, or None."""
-    callbacks = checkpoint.get("callbacks") if isinstance(checkpoint, Mapping) else None
-    if not isinstance(callbacks, Mapping):
-        return None
-    state = callbacks.get(CALLBACK_STATE_KEY)
-    if isinstance(state, Mapping) and isinstance(state.get("last_figures"), Mapping):
-        return dict(state["last_figures"])
-    return None
+__all__ = ["main"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -145,9 +71,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _update_model_card(model_dir: Path, figures: Mapping[str, Any]) -> Path:
-    from cosytrain.utils.atomic import atomic_write_text
-
-    card = model_dir / "cosytrain.json"
+    card = model_dir / METADATA_FILE
     data: dict[str, Any] = {}
     if card.is_file():
         loaded = json.loads(card.read_text(encoding="utf-8"))
@@ -162,10 +86,6 @@ def _update_model_card(model_dir: Path, figures: Mapping[str, Any]) -> Path:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m cosytrain check-fp16``: exit 0 when every figure is within bounds, 1 when one is not,
     2 when the check could not run (bad arguments, unreadable directory, a stage that cannot run in FP32)."""
-    from cosytrain.evaluation.fp16_check import resolve_tolerances, run_fp16_check
-    from cosytrain.modeldir import ModelDirError, PARTS, open_model_dir
-    from cosytrain.utils.atomic import atomic_write_text
-
     args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     model_dir = Path(args.model_dir)
     try:

@@ -2,12 +2,15 @@
 
 Our tasks keep each trained part under the attribute ``llm``, ``flow`` or ``hift``, so a checkpoint's
 ``state_dict`` keys are ``llm.*`` / ``flow.*`` / ``hift.*`` (the vocoder's discriminator sits under
-``discriminator.*`` and is never exported) and export is a prefix split. On top of that, one module each:
+``discriminator.*`` and is never exported) and export is a prefix split
+(:mod:`cosytrain.export.part_split`). On top of that, one module each:
 
 :mod:`cosytrain.export.checkpoints`
     Choosing and averaging checkpoints: files, folders of them or DeepSpeed ZeRO folders;
     ``--average best:N`` / ``last:N``, scores from the checkpoints' ``ModelCheckpoint`` state;
     float64 averaging.
+:mod:`cosytrain.export.zero_to_state_dict`
+    The DeepSpeed ZeRO conversion (also ``python -m cosytrain.export.zero_to_state_dict``).
 :mod:`cosytrain.export.run_config`
     Where the rest comes from: parts not in the checkpoints come from ``--base DIR``, whose yaml is
     reused verbatim; without a base the config is rebuilt from the training run's ``config.yaml``
@@ -16,8 +19,8 @@ Our tasks keep each trained part under the attribute ``llm``, ``flow`` or ``hift
 :mod:`cosytrain.export.checks`
     The load-back and synthesis check.
 :mod:`cosytrain.export.writer`
-    :func:`export_model`: front-end files, ``cosytrain.json``, and the safety of the write (built
-    in a temporary sibling and renamed into place only after the check passed).
+    :func:`export_model`, in steps: base, checkpoints, config, ``cosytrain.json``, then the write
+    (built in a temporary sibling and renamed into place only after the check passed).
 
 This module holds the public API and the command line (:func:`main`).
 """
@@ -28,17 +31,16 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from cosytrain.export import checks, run_config, writer
 from cosytrain.export.checkpoints import (
     CheckpointInfo,
     average_state_dicts,
     checkpoint_infos,
     read_checkpoint,
     select_checkpoints,
-    split_parts,
 )
 from cosytrain.export.checks import smoke_test, smoke_test_v23
 from cosytrain.export.errors import ExportError
+from cosytrain.export.part_split import split_parts
 from cosytrain.export.run_config import run_config_to_tree, speaker_info_from_shards
 from cosytrain.export.writer import ExportResult, export_model
 from cosytrain.modeldir import GENERATION_NAMES, PARTS, ModelDirError
@@ -59,16 +61,6 @@ __all__ = [
     "export_model",
     "main",
 ]
-
-# The file and folder names, as importable from here as before the split into modules.
-METADATA_FILE = writer.METADATA_FILE
-SPK2INFO_FILE = writer.SPK2INFO_FILE
-BUILTIN_FRONT_END_FILES = writer.BUILTIN_FRONT_END_FILES
-QWEN_DIR = run_config.QWEN_DIR
-CONFIG_NAMES = run_config.CONFIG_NAMES
-UPSTREAM_TEXT_TOKENIZER = run_config.UPSTREAM_TEXT_TOKENIZER
-CHECK_TEXT = checks.CHECK_TEXT
-
 
 # --------------------------------------------------------------------------------------------------
 # Command line
@@ -98,14 +90,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from cosytrain.models.upstream_yaml import UpstreamConfigError
-
     args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         result = export_model(args.checkpoints, args.output, base=args.base, average=args.average,
                               monitor=args.monitor, run_config=args.run_config, overwrite=args.overwrite,
                               check=not args.no_check)
-    except (ExportError, ModelDirError, UpstreamConfigError) as exc:
+    except (ExportError, ModelDirError) as exc:  # an UpstreamConfigError is a ModelDirError
         print(f"cosytrain export: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:

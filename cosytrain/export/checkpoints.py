@@ -1,12 +1,11 @@
 """Reading, choosing and averaging the Lightning checkpoints an export is made from.
 
-Our tasks keep each trained part under the attribute ``llm``, ``flow`` or ``hift``, so a checkpoint's
-``state_dict`` keys are ``llm.*`` / ``flow.*`` / ``hift.*`` (the vocoder's discriminator sits under
-``discriminator.*`` and is never exported) and export is a prefix split (:func:`split_parts`).
+Each checkpoint's ``state_dict`` is split into parts by prefix
+(:func:`cosytrain.export.part_split.split_parts`).
 
 Choosing and averaging checkpoints
     Give checkpoint files, folders of them (``<run>/checkpoints``) or DeepSpeed ZeRO checkpoint
-    folders (converted with Lightning's ``convert_zero_checkpoint_to_fp32_state_dict``).
+    folders (converted by :func:`cosytrain.export.zero_to_state_dict.consolidate`).
     ``--average best:N`` keeps the N with the best validation score, ``--average last:N`` the N with
     the highest ``global_step``; without ``--average`` every checkpoint given is averaged (one
     checkpoint: exported as is). Checkpoints with the same epoch and step (``last.ckpt`` beside the
@@ -40,21 +39,18 @@ from typing import Any
 
 import torch
 
+from cosytrain.evaluation.fp16_figures import figures_from_checkpoint
 from cosytrain.export.errors import ExportError
+from cosytrain.export.part_split import split_parts
 from cosytrain.modeldir import PARTS, ModelDirError, load_weights_file
 
 __all__ = [
     "CheckpointInfo",
     "average_state_dicts",
     "read_checkpoint",
-    "split_parts",
     "checkpoint_infos",
     "select_checkpoints",
 ]
-
-# Keys of the Lightning module that are never exported (the vocoder's GAN discriminator).
-_NEVER_EXPORTED = ("discriminator.",)
-
 
 # --------------------------------------------------------------------------------------------------
 # Reading checkpoints
@@ -66,25 +62,12 @@ def _is_deepspeed_dir(path: Path) -> bool:
 
 
 def _load_deepspeed(path: Path) -> dict[str, Any]:
-    import importlib.util
+    # imported here, not at the top: ``python -m cosytrain.export.zero_to_state_dict`` must not find
+    # its own module already imported by this package's ``__init__``
+    from cosytrain.export.zero_to_state_dict import consolidate
 
-    if importlib.util.find_spec("deepspeed") is None:  # before importing Lightning (slow) to say so
-        raise ExportError(f"{path}: is a DeepSpeed ZeRO checkpoint; converting it needs the deepspeed package;"
-                          " pip install deepspeed, or export a Lightning .ckpt file")
-    try:
-        from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
-    except ImportError as exc:  # lightning itself missing
-        raise ExportError(f"{path}: reading a DeepSpeed checkpoint needs lightning ({exc})") from None
     with tempfile.TemporaryDirectory(prefix="cosytrain-zero-") as tmp:
-        out = Path(tmp) / "fp32.ckpt"
-        try:
-            convert_zero_checkpoint_to_fp32_state_dict(str(path), str(out))
-        except ModuleNotFoundError as exc:
-            raise ExportError(f"{path}: is a DeepSpeed ZeRO checkpoint; converting it needs the deepspeed package"
-                              f" ({exc}); pip install deepspeed, or export a Lightning .ckpt file") from None
-        except Exception as exc:  # deepspeed's converter fails in many ways on a broken folder
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ExportError(f"{path}: cannot convert this DeepSpeed checkpoint ({first})") from None
+        out = consolidate(path, Path(tmp) / "fp32.ckpt")
         return _load_checkpoint_file(out, str(path))
 
 
@@ -112,26 +95,6 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ExportError(f"{path}: checkpoint not found")
     return _load_checkpoint_file(path, str(path))
-
-
-def split_parts(state_dict: Mapping[str, Any], what: str) -> dict[str, dict[str, torch.Tensor]]:
-    """``{'llm.x': t}`` -> ``{'llm': {'x': t}}`` for the exportable parts.
-
-    ``torch.compile``'s ``_orig_mod.`` segment is dropped; discriminator and other keys are ignored.
-    """
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in state_dict.items():
-        if not isinstance(value, torch.Tensor) or key.startswith(_NEVER_EXPORTED):
-            continue
-        key = key.replace("_orig_mod.", "")
-        head, _, rest = key.partition(".")
-        if head in PARTS and rest:
-            parts.setdefault(head, {})[rest] = value
-    if not parts:
-        shown = ", ".join(list(state_dict)[:3])
-        raise ExportError(f"{what}: no llm./flow./hift. weights in the checkpoint (keys look like {shown});"
-                          " export needs a checkpoint of a cosytrain task")
-    return parts
 
 
 def _sha256(path: Path) -> str:
@@ -202,8 +165,6 @@ def _info_from(path: Path, ckpt: Mapping[str, Any]) -> CheckpointInfo:
             if score is not None:
                 scores[Path(str(file)).name] = score
     hparams = ckpt.get("hyper_parameters")
-    from cosytrain.evaluation.fp16_check import figures_from_checkpoint
-
     return CheckpointInfo(
         path=path,
         epoch=ckpt.get("epoch") if isinstance(ckpt.get("epoch"), int) else None,
@@ -265,16 +226,22 @@ def _filename_score(name: str, monitor: str) -> float | None:
     return None
 
 
+# best:N without --monitor, when the checkpoints were kept by several metrics (e.g. val/loss and synth/full/mcd)
+DEFAULT_MONITOR = "val/loss"
+
+
 def _score(infos: list[CheckpointInfo], monitor: str | None) -> tuple[str, str]:
     """Fill ``info.score`` for best-N; returns (monitor, mode)."""
     monitors: dict[str, str] = {}
     for info in infos:
         for name, (mode, _) in info.monitors.items():
             monitors.setdefault(name, mode)
-    if monitor is None:
-        if len(monitors) > 1:
+    if monitor is None and len(monitors) > 1:
+        if DEFAULT_MONITOR not in monitors:
             raise ExportError(f"the checkpoints monitor several metrics ({', '.join(sorted(monitors))}); choose one"
                               " with --monitor")
+        monitor = DEFAULT_MONITOR  # the documented default: best by validation loss unless --monitor says otherwise
+    if monitor is None:
         if not monitors:
             raise ExportError("best:N needs validation scores, but no checkpoint has a ModelCheckpoint with a monitor;"
                               " train with ModelCheckpoint(monitor='val/loss', save_top_k=N) or use --average last:N")

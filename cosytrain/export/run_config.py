@@ -38,12 +38,22 @@ import torch
 
 from cosytrain.export.checkpoints import CheckpointInfo
 from cosytrain.export.errors import ExportError
-from cosytrain.modeldir import GENERATION_NAMES, ModelDirError, load_weights_file
+from cosytrain.modeldir import (
+    GENERATION_NAMES,
+    PART_CLASS_GENERATIONS,
+    QWEN_DIR,
+    Apply,
+    ModelDirError,
+    Name,
+    New,
+    Ref,
+    fixture_config_to_tree,
+    load_weights_file,
+)
+from cosytrain.modeldir import registry
 
 __all__ = ["run_config_to_tree", "speaker_info_from_shards"]
 
-QWEN_DIR = "CosyVoice-BlankEN"
-CONFIG_NAMES = {"v1": "cosyvoice.yaml", "v2": "cosyvoice2.yaml", "v3": "cosyvoice3.yaml"}
 # The text tokenizer upstream's front end uses for each generation's written config.
 UPSTREAM_TEXT_TOKENIZER = {"v1": "whisper", "v2": "qwen", "v3": "qwen3"}
 
@@ -57,8 +67,6 @@ _CFM_CLASSES = {"cosyvoice.flow.flow_matching.ConditionalCFM", "cosyvoice.flow.f
 
 def _reverse_registry() -> dict[int, tuple[str, str]]:
     """id(cosytrain object) -> (kind, upstream name), for the objects that exist so far."""
-    from cosytrain.models import registry
-
     out: dict[int, tuple[str, str]] = {}
     for kind, table in (("class", registry.CLASSES), ("function", registry.FUNCTIONS)):
         for upstream in table:
@@ -71,8 +79,6 @@ def _reverse_registry() -> dict[int, tuple[str, str]]:
 
 
 def _upstream_name(dotted: str, where: str, reverse: dict[int, tuple[str, str]]) -> tuple[str, str]:
-    from cosytrain.models import registry
-
     if dotted in registry.CLASSES:
         return "class", dotted
     if dotted in registry.FUNCTIONS:
@@ -89,6 +95,19 @@ def _upstream_name(dotted: str, where: str, reverse: dict[int, tuple[str, str]])
                       " name it; export with --base DIR instead")
 
 
+def _cosytrain_only_args(class_path: str) -> frozenset[str]:
+    """Arguments a cosytrain class takes but upstream's class of the same name does not (its
+    ``COSYTRAIN_ONLY_ARGS``): never written, or upstream's ``load_hyperpyyaml`` refuses the config."""
+    module_name, _, attr = class_path.rpartition(".")
+    if not module_name.startswith("cosytrain."):
+        return frozenset()
+    try:
+        obj = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError):
+        return frozenset()
+    return frozenset(getattr(obj, "COSYTRAIN_ONLY_ARGS", ()))
+
+
 def run_config_to_tree(value: Any, where: str = "", reverse: dict[int, tuple[str, str]] | None = None) -> Any:
     """A part's LightningCLI config (``class_path``/``init_args``, nested) -> an upstream inert tree.
 
@@ -96,14 +115,13 @@ def run_config_to_tree(value: Any, where: str = "", reverse: dict[int, tuple[str
     known function (``cosytrain.models.sampling.ras_sampling``) becomes ``!name:``; a ``cfm_params``
     mapping becomes upstream's ``!new:omegaconf.DictConfig``.
     """
-    from cosytrain.models.registry import fixture_config_to_tree
-    from cosytrain.models.upstream_yaml import Name, New
-
     reverse = _reverse_registry() if reverse is None else reverse
     if isinstance(value, Mapping) and "class_path" in value:
         kind, upstream = _upstream_name(str(value["class_path"]), where, reverse)
         args = {**dict(value.get("init_args") or {}), **dict(value.get("dict_kwargs") or {})}
-        kwargs = {str(k): run_config_to_tree(v, f"{where}.{k}", reverse) for k, v in args.items()}
+        skip = _cosytrain_only_args(str(value["class_path"]))
+        kwargs = {str(k): run_config_to_tree(v, f"{where}.{k}", reverse) for k, v in args.items()
+                  if str(k) not in skip}
         if upstream in _CFM_CLASSES and isinstance(kwargs.get("cfm_params"), dict):
             kwargs["cfm_params"] = New("omegaconf.DictConfig", [], {"content": kwargs["cfm_params"]})
         return (New if kind == "class" else Name)(upstream, [], kwargs)
@@ -194,16 +212,12 @@ def _part_configs_from_run(info: CheckpointInfo, run_configs: Sequence[Path]) ->
 
 def _seed_lines() -> dict[str, Any]:
     """Upstream configs open with these seed setters; cosytrain's reader ignores them, upstream runs them."""
-    from cosytrain.models.upstream_yaml import Apply
-
     return {f"__set_seed{i}": Apply(fn, [1986]) for i, fn in enumerate(
         ("random.seed", "numpy.random.seed", "torch.manual_seed", "torch.cuda.manual_seed_all"), start=1)}
 
 
 def _v1_config_tree(parts: Mapping[str, Any]) -> dict[str, Any]:
     """A complete upstream ``cosyvoice.yaml`` around the three part trees (front-end keys: upstream v1's)."""
-    from cosytrain.models.upstream_yaml import Name
-
     hift_rate = parts["hift"].kwargs.get("sampling_rate", 22050)
     sample_rate = hift_rate if isinstance(hift_rate, int) else 22050
     return {
@@ -223,10 +237,8 @@ def _v1_config_tree(parts: Mapping[str, Any]) -> dict[str, Any]:
 
 def _check_run_generations(parts: Mapping[str, Any], sources: Mapping[str, str], generation: str) -> None:
     """All three parts of a config written from runs must be of one generation."""
-    from cosytrain.modeldir import _PART_CLASS_GENERATIONS
-
     for part, tree in parts.items():
-        generations = _PART_CLASS_GENERATIONS.get(part, {}).get(getattr(tree, "target", ""), ())
+        generations = PART_CLASS_GENERATIONS.get(part, {}).get(getattr(tree, "target", ""), ())
         if generations and generation not in generations:
             found = " or ".join(GENERATION_NAMES[g] for g in generations)
             raise ExportError(f"{sources.get(part, part)}: the {part} is {tree.target} ({found}) but the other parts"
@@ -241,8 +253,6 @@ def _v23_config_tree(parts: Mapping[str, Any], generation: str, data_args: Mappi
     cosytrain's reader) override it with ``<model dir>/CosyVoice-BlankEN``. The mel settings of
     ``feat_extractor`` are the run's data module's (the prompt mel must match the training mel).
     """
-    from cosytrain.models.upstream_yaml import Name, Ref
-
     llm = parts["llm"]
     encoder = llm.kwargs.get("llm")
     if getattr(encoder, "target", None) != "cosyvoice.llm.llm.Qwen2Encoder":
@@ -358,9 +368,14 @@ def _qwen_folder(llm_tree: Any, run_source: str) -> Path:
                       f" export from the training's working directory or pass --base DIR with a {QWEN_DIR} folder")
 
 
+# weight files of a Hugging Face folder: replaced by the trained weights in an export's CosyVoice-BlankEN
+QWEN_WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json", "*.pt", "*.pth")
+
+
 def _copy_qwen_folder(source: Path, tokenizer_path: str | None, target: Path) -> list[str]:
-    """Copy the Qwen config/tokenizer/weights folder; tokenizer files from a separate tokenizer folder too."""
-    shutil.copytree(source, target)
+    """Copy the Qwen config/tokenizer folder (not its weights: :func:`write_qwen_weights` writes the
+    trained ones); tokenizer files from a separate tokenizer folder too."""
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns(*QWEN_WEIGHT_PATTERNS))
     copied = sorted(str(p.relative_to(target)) for p in target.rglob("*") if p.is_file())
     if tokenizer_path:
         extra = Path(tokenizer_path)
@@ -371,3 +386,38 @@ def _copy_qwen_folder(source: Path, tokenizer_path: str | None, target: Path) ->
                     shutil.copyfile(file, target / file.name)
                     copied.append(file.name)
     return copied
+
+
+def write_qwen_weights(llm_state: Mapping[str, torch.Tensor], target: Path) -> str:
+    """The trained Qwen2 of a v2/v3 llm as ``<target>/model.safetensors`` (Hugging Face layout).
+
+    Upstream's ``Qwen2Encoder`` calls ``Qwen2ForCausalLM.from_pretrained(<dir>/CosyVoice-BlankEN)``,
+    which needs weight files there (``llm.pt`` then overwrites every one of them). The llm's
+    ``llm.model.*`` keys are exactly the ``Qwen2ForCausalLM`` state dict; a tied ``lm_head`` is left
+    out as Hugging Face's own ``save_pretrained`` does (``from_pretrained`` ties it again).
+    """
+    import json
+
+    from safetensors.torch import save_file
+
+    prefix = "llm.model."
+    weights = {k[len(prefix):]: v.detach().to("cpu").clone().contiguous()
+               for k, v in llm_state.items() if k.startswith(prefix)}
+    if not weights:
+        raise ExportError(f"the llm has no {prefix}* weights (a Qwen2Encoder's); cannot write {target}")
+    config = json.loads((target / "config.json").read_text(encoding="utf-8"))
+    if config.get("tie_word_embeddings", False):
+        weights.pop("lm_head.weight", None)
+    name = "model.safetensors"
+    save_file(weights, str(target / name), metadata={"format": "pt"})
+    return name
+
+
+def merged_speaker_info(base_table: Mapping[str, Any] | None,
+                        trained: Mapping[str, dict[str, torch.Tensor]]) -> tuple[dict[str, Any], list[str]]:
+    """The base's ``spk2info.pt`` entries plus the training speakers (a trained speaker replaces a base
+    entry of the same name: the model learned the new voice); returns the table and the replaced names."""
+    table: dict[str, Any] = dict(base_table or {})
+    replaced = sorted(s for s in trained if s in table)
+    table.update(trained)
+    return table, replaced

@@ -18,31 +18,30 @@ the model code is shared. What each piece is made from, per model directory:
 
 Nothing is read before it is needed: a directory without ONNX files still does ``inference_sft``.
 
-Text normalisation (upstream uses ttsfrd or wetext, which are not required here) is deliberately
-small and the same for every generation:
-
-* text containing ``<|`` and ``|>`` (upstream's SSML-like tags) is passed through untouched;
-* whitespace is collapsed; in Chinese text, blanks between non-ASCII characters are removed,
-  ``²``/``³`` become 平方/立方, ``.`` becomes 。 and ``' - '`` becomes ，, brackets are dropped (upstream's
-  own post-processing after its normaliser);
-* English text: runs of digits are spelled out (``21`` -> ``twenty-one``; digits after a decimal
-  point one by one), the cheap part of upstream's ``inflect`` step; no dates, currencies or units;
-* the text is cut after sentence punctuation and the sentences are merged greedily into pieces of
-  60-80 tokens (Chinese: characters), a short tail (< 20) joining the previous piece, as upstream's
-  ``split_paragraph``; pieces with only punctuation are dropped.
+Text normalisation is :mod:`cosytrain.inference.text_normalizer`.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
+
+from cosytrain.inference.text_normalizer import text_normalize
+from cosytrain.modeldir import (
+    BUILTIN_CAMPPLUS_FILE,
+    BUILTIN_TOKENIZER_FILE,
+    METADATA_FILE,
+    ONNX_CAMPPLUS,
+    ONNX_SPEECH_TOKENIZERS,
+    QWEN_DIR,
+    SPK2INFO_FILE,
+)
 
 __all__ = [
     "FrontEndError",
@@ -51,20 +50,8 @@ __all__ = [
     "feat_params",
     "load_wav",
     "load_spk2info",
-    "text_normalize",
-    "split_paragraph",
-    "spell_out_numbers",
-    "contains_chinese",
-    "is_only_punctuation",
 ]
 
-METADATA_FILE = "cosytrain.json"
-QWEN_DIR = "CosyVoice-BlankEN"
-SPK2INFO_FILE = "spk2info.pt"
-ONNX_TOKENIZER = {"v1": "speech_tokenizer_v1.onnx", "v2": "speech_tokenizer_v2.onnx", "v3": "speech_tokenizer_v3.onnx"}
-BUILTIN_TOKENIZER = "speech_tokenizer_builtin.npz"  # the name ``prepare`` gives a fitted stand-in
-ONNX_CAMPPLUS = "campplus.onnx"
-BUILTIN_CAMPPLUS = "campplus_builtin.npz"
 TOKEN_RATE = {"v1": 50, "v2": 25, "v3": 25}
 MAX_PROMPT_SECONDS = 30  # upstream refuses longer prompts (the tokenizer's whisper encoder spans 30 s)
 
@@ -82,165 +69,6 @@ class FrontEndError(ValueError):
 
     def __init__(self, message: str) -> None:
         super().__init__(" ".join(str(message).split()))
-
-
-# --------------------------------------------------------------------------------------------------
-# Text normalisation
-# --------------------------------------------------------------------------------------------------
-
-_CHINESE_RE = re.compile(r"[\u4e00-\u9fff]")
-_SENTENCE_END = set("。？！；：、?!;")  # '.' is handled separately (decimal points, abbreviations)
-_CLOSING_QUOTES = set("\"”’'")
-_PUNCT_OR_SPACE_RE = re.compile(r"^[\s\W_]*$", re.UNICODE)
-
-_ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
-         "sixteen seventeen eighteen nineteen").split()
-_TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
-_SCALES = ((10 ** 12, "trillion"), (10 ** 9, "billion"), (10 ** 6, "million"), (1000, "thousand"))
-
-
-def contains_chinese(text: str) -> bool:
-    return bool(_CHINESE_RE.search(text))
-
-
-def is_only_punctuation(text: str) -> bool:
-    return bool(_PUNCT_OR_SPACE_RE.match(text))
-
-
-def _below_thousand(n: int) -> str:
-    hundreds, rest = divmod(n, 100)
-    words = []
-    if hundreds:
-        words.append(f"{_ONES[hundreds]} hundred")
-    if rest:
-        if hundreds:
-            words.append("and")  # inflect's (British) style, which upstream's front end produces
-        if rest < 20:
-            words.append(_ONES[rest])
-        else:
-            tens, ones = divmod(rest, 10)
-            words.append(_TENS[tens] + (f"-{_ONES[ones]}" if ones else ""))
-    return " ".join(words)
-
-
-def number_to_words(n: int) -> str:
-    """English cardinal for 0 <= n < 10**15 in inflect's style, without its commas ("one thousand and five")."""
-    if n < 0 or n >= 10 ** 15:
-        raise ValueError(f"number_to_words: {n} out of range")
-    if n == 0:
-        return "zero"
-    words = []
-    for scale, name in _SCALES:
-        if n >= scale:
-            words.append(f"{_below_thousand(n // scale)} {name}")
-            n %= scale
-    if n:
-        if words and n < 100:
-            words.append("and")
-        words.append(_below_thousand(n))
-    return " ".join(words)
-
-
-def spell_out_numbers(text: str) -> str:
-    """Spell out digit runs: ``3.14`` -> ``three point one four``, ``1,000`` -> ``one thousand``."""
-
-    def replace(match: re.Match[str]) -> str:
-        whole, frac = match.group(1).replace(",", ""), match.group(2)
-        if len(whole) > 15:  # a long id or phone number: digit by digit
-            out = " ".join(_ONES[int(d)] for d in whole)
-        else:
-            out = number_to_words(int(whole))
-        if frac:
-            out += " point " + " ".join(_ONES[int(d)] for d in frac)
-        return out
-
-    return re.sub(r"(\d{1,3}(?:,\d{3})+|\d+)(?:\.(\d+))?", replace, text)
-
-
-def _cut_sentences(text: str) -> list[str]:
-    """Cut after sentence punctuation (a closing quote stays with its sentence)."""
-    pieces, start, i = [], 0, 0
-    while i < len(text):
-        c = text[i]
-        end = c in _SENTENCE_END or (c == "." and (i + 1 == len(text) or text[i + 1].isspace()
-                                                    or text[i + 1] in _CLOSING_QUOTES))
-        if end:
-            j = i + 1
-            while j < len(text) and text[j] in _CLOSING_QUOTES:
-                j += 1
-            if text[start:j].strip():
-                pieces.append(text[start:j])
-            start, i = j, j
-            continue
-        i += 1
-    if text[start:].strip():
-        pieces.append(text[start:])
-    return pieces
-
-
-def split_paragraph(text: str, tokenize: Callable[[str], Sequence[int]], lang: str = "en", token_max_n: int = 80,
-                    token_min_n: int = 60, merge_len: int = 20) -> list[str]:
-    """Sentences merged greedily into pieces of about ``token_min_n``..``token_max_n`` units.
-
-    Units are tokens for English, characters for Chinese (upstream's choice: Chinese BPE pieces vary
-    too much). A piece is closed when adding the next sentence would pass ``token_max_n`` and the
-    piece already has more than ``token_min_n``; a last piece shorter than ``merge_len`` joins the
-    one before. Text without final punctuation gets one (``.`` or ``。``).
-    """
-    text = text.strip()
-    if not text:
-        return []
-
-    def size(s: str) -> int:
-        return len(s) if lang == "zh" else len(tokenize(s))
-
-    if text[-1] not in _SENTENCE_END and text[-1] != "." and text[-1] not in _CLOSING_QUOTES:
-        text += "。" if lang == "zh" else "."
-    pieces: list[str] = []
-    current = ""
-    for sentence in _cut_sentences(text):
-        if current and size(current + sentence) > token_max_n and size(current) > token_min_n:
-            pieces.append(current)
-            current = ""
-        current += sentence
-    if current:
-        if pieces and size(current) < merge_len:
-            pieces[-1] += current
-        else:
-            pieces.append(current)
-    return [p.strip() for p in pieces if p.strip()]
-
-
-def _normalize_chinese(text: str) -> str:
-    text = text.replace("\n", "")
-    # drop blanks between non-ASCII characters; keep them between ASCII words
-    text = re.sub(r"(?<=[^\x00-\x7f])\s+|\s+(?=[^\x00-\x7f])", "", text)
-    text = text.replace("²", "平方").replace("³", "立方")
-    text = text.replace(".", "。").replace(" - ", "，")
-    text = re.sub(r"[（）()【】\[\]`]", "", text).replace("——", " ")
-    return re.sub(r"[，,、]+$", "。", text)
-
-
-def text_normalize(text: str, tokenize: Callable[[str], Sequence[int]], split: bool = True,
-                   text_frontend: bool = True) -> list[str] | str:
-    """Upstream's ``text_normalize`` contract: a list of pieces (``split=True``) or one string."""
-    if not isinstance(text, str):
-        raise FrontEndError(f"text must be a string, got {type(text).__name__}")
-    if "<|" in text and "|>" in text:  # tagged text is the caller's exact input, as upstream
-        text_frontend = False
-    if not text_frontend or text == "":
-        return [text] if split else text
-    text = text.strip()
-    if contains_chinese(text):
-        text = _normalize_chinese(text)
-        lang = "zh"
-    else:
-        text = " ".join(spell_out_numbers(text).split())
-        lang = "en"
-    if not split:
-        return text
-    pieces = split_paragraph(text, tokenize, lang)
-    return [p for p in pieces if not is_only_punctuation(p)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -414,7 +242,7 @@ class CosyVoiceFrontEnd:
         if self._speech_tokenizer is None:
             from cosytrain.data.speech_tokenizer import load_speech_tokenizer
 
-            path = self._find([ONNX_TOKENIZER[self.generation], BUILTIN_TOKENIZER], "a prompt's speech tokens")
+            path = self._find([ONNX_SPEECH_TOKENIZERS[self.generation], BUILTIN_TOKENIZER_FILE], "a prompt's speech tokens")
             try:
                 tok = load_speech_tokenizer(path, onnx_batch_size=1)
             except (OSError, ValueError, RuntimeError) as exc:
@@ -434,7 +262,7 @@ class CosyVoiceFrontEnd:
         if self._speaker_embedder is None:
             from cosytrain.data.speaker_embedding import load_speaker_embedder
 
-            path = self._find([ONNX_CAMPPLUS, BUILTIN_CAMPPLUS], "a prompt's speaker embedding")
+            path = self._find([ONNX_CAMPPLUS, BUILTIN_CAMPPLUS_FILE], "a prompt's speaker embedding")
             try:
                 self._speaker_embedder = load_speaker_embedder(path, onnx_batch_size=1)
             except (OSError, ValueError, RuntimeError) as exc:
@@ -443,6 +271,9 @@ class CosyVoiceFrontEnd:
 
     # ------------------------------------------------------------------ pieces
     def text_normalize(self, text: str, split: bool = True, text_frontend: bool = True) -> list[str] | str:
+        """:func:`cosytrain.inference.text_normalizer.text_normalize` with this model's text tokenizer."""
+        if not isinstance(text, str):
+            raise FrontEndError(f"text must be a string, got {type(text).__name__}")
         return text_normalize(text, self.tokenizer.encode, split=split, text_frontend=text_frontend)
 
     def _extract_text_token(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:

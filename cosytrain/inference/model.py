@@ -30,6 +30,10 @@ Deviations from upstream, on purpose:
 
 CosyVoice 2/3 (:class:`CosyVoice2Model`, :class:`CosyVoice3Model`) subclass this: the sizes are
 attributes set in ``_init_stream_params`` and the per-chunk work is in ``token2wav``.
+
+Why one module over 450 lines: it mirrors upstream's ``cosyvoice/cli/model.py`` class for class, so
+the streaming caches and cross-fades can be checked against upstream's file side by side; the v2/v3
+classes override v1's hooks and read best next to them.
 """
 
 from __future__ import annotations
@@ -148,13 +152,15 @@ class CosyVoiceModel:
         return cls(parts["llm"], parts["flow"], parts["hift"], fp16, device=device, force_fp16=force_fp16)
 
     def load(self, llm_model: str | Path, flow_model: str | Path, hift_model: str | Path) -> None:
-        """Load three weight files strictly (``weights_only``; hift ``generator.`` prefix stripped)."""
-        from cosytrain.modeldir import clean_part_state_dict, load_weights_file
+        """Load three weight files strictly (``weights_only``; hift ``generator.`` prefix stripped; a file
+        that does not fit its part is one :class:`~cosytrain.modeldir.StateDictMismatchError` line)."""
+        from cosytrain.modeldir import clean_part_state_dict, load_part_state_dict, load_weights_file
 
         for part, path in (("llm", llm_model), ("flow", flow_model), ("hift", hift_model)):
             module = getattr(self, part)
             state = clean_part_state_dict(part, load_weights_file(path), str(path))
-            module.load_state_dict(state, strict=True)
+            load_part_state_dict(part, module, state, str(path), generation=self.generation,
+                                 model_what=f"this {type(self).__name__}'s {part}")
             module.to(self.device).eval()
 
     def autocast(self) -> ContextManager[Any]:

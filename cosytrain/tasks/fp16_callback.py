@@ -8,7 +8,7 @@ the task's own parts (``pl_module.llm`` / ``flow`` / ``hift``, whichever exist) 
 ``fp16/<stage>/<metric>`` scalars, FP32/FP16 audio and mel images (TensorBoard), and warns or stops
 the run when a figure leaves its tolerance. The last figures are kept in ``last_figures`` and saved
 in the checkpoint (``checkpoint['callbacks']['FP16EvalCallback']['last_figures']``), where export
-finds them for the model card (:func:`cosytrain.evaluation.fp16_check.figures_from_checkpoint`).
+finds them for the model card (:func:`cosytrain.evaluation.fp16_figures.figures_from_checkpoint`).
 """
 
 from __future__ import annotations
@@ -23,15 +23,9 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from cosytrain.evaluation.fp16_check import (
-    CALLBACK_STATE_KEY,
-    DEFAULT_SEED,
-    batch_size,
-    flat_figures,
-    resolve_tolerances,
-    run_fp16_check,
-    take_utterances,
-)
+from cosytrain.evaluation.fp16_batches import DEFAULT_SEED, batch_size, take_utterances
+from cosytrain.evaluation.fp16_check import run_fp16_check
+from cosytrain.evaluation.fp16_figures import CALLBACK_STATE_KEY, flat_figures, resolve_tolerances
 
 __all__ = ["FP16EvalCallback", "FP16CheckWarning"]
 
@@ -61,7 +55,7 @@ class FP16EvalCallback(pl.Callback):
         every_n_validations: run on every n-th validation (sanity checks are never counted).
         num_utterances: how many of the first validation utterances to use (batches are collected
             until there are this many).
-        tolerances: overrides of :data:`cosytrain.evaluation.fp16_check.DEFAULT_TOLERANCES`
+        tolerances: overrides of :data:`cosytrain.evaluation.fp16_figures.DEFAULT_TOLERANCES`
             (``{'flow/mel_l1': 0.1}``; None switches one off).
         on_fail: ``warn`` (a :class:`FP16CheckWarning`) or ``stop`` (``trainer.should_stop`` with a
             logged reason; the current epoch's checkpoint callbacks still run).
@@ -69,12 +63,20 @@ class FP16EvalCallback(pl.Callback):
             figures when the task has no ``hift`` of its own; None means no waveform figures then.
         seed: the seed both runs start from.
         log_media: audio and mel images of the first utterance to a TensorBoard logger.
+        speech: also compare the audio as served, FP32 vs FP16 (stage ``speech``:
+            :mod:`cosytrain.evaluation.fp16_speech`; finiteness, MCD, speaker similarity and, with
+            ``asr``, the WER delta). Without a vocoder (``hift``/``hift_from``) the flow's mels are
+            vocoded by Griffin-Lim, so every recipe gets the figures.
+        speaker_encoder: for ``speech/sim``: ``auto`` (``hift_from``'s campplus.onnx, else resemblyzer),
+            ``resemblyzer``, a campplus ``.onnx`` path, or ``none``.
+        asr: ``"<kind>:<local path>"`` (:func:`cosytrain.evaluation.asr.load_asr`) for the WER delta.
     """
 
     def __init__(self, every_n_validations: int = 1, num_utterances: int = 4,
                  tolerances: Optional[dict[str, Optional[float]]] = None,
                  on_fail: Literal["warn", "stop"] = "warn", hift_from: Optional[str] = None,
-                 seed: int = DEFAULT_SEED, log_media: bool = True) -> None:
+                 seed: int = DEFAULT_SEED, log_media: bool = True, speech: bool = True,
+                 speaker_encoder: str = "auto", asr: Optional[str] = None) -> None:
         if int(every_n_validations) < 1:
             raise ValueError(f"every_n_validations must be at least 1, got {every_n_validations}")
         if int(num_utterances) < 1:
@@ -91,6 +93,15 @@ class FP16EvalCallback(pl.Callback):
         self.hift_from = hift_from
         self.seed = int(seed)
         self.log_media = log_media
+        self.speech = bool(speech)
+        self.speaker_encoder_spec = speaker_encoder
+        self._encoder: Any = None
+        self._asr: Any = None
+        if asr is not None:
+            from cosytrain.evaluation.asr import load_asr
+
+            self._asr = load_asr(asr)  # a wrong path fails at construction
+        self._griffin_lim: Optional[nn.Module] = None
         self.last_figures: Optional[dict[str, Any]] = None
         self.validations = 0
         self._batches: list[dict[str, Any]] = []
@@ -172,6 +183,8 @@ class FP16EvalCallback(pl.Callback):
         report = run_fp16_check(batches, llm=parts.get("llm"), flow=parts.get("flow"), hift=hift,
                                 num_utterances=self.num_utterances, tolerances=self.tolerances, seed=self.seed,
                                 keep_samples=self.log_media)
+        if self.speech and parts.get("flow") is not None:
+            self._speech_stage(trainer, report, parts, hift, batches)
         step = int(trainer.global_step)
         figures = dict(report.figures, global_step=step, epoch=int(trainer.current_epoch))
         if hift is not None and "hift" not in parts:
@@ -183,6 +196,58 @@ class FP16EvalCallback(pl.Callback):
             warnings.warn(f"FP16EvalCallback: not checked (these stages cannot run at all): {problems}",
                           FP16CheckWarning, stacklevel=3)
         return report.failures
+
+    def _speech_stage(self, trainer: pl.Trainer, report: Any, parts: dict[str, nn.Module],
+                      hift: Optional[nn.Module], batches: list[dict[str, Any]]) -> None:
+        """Add stage ``speech`` (FP32 vs FP16 audio as served) to the report, with its bounds and verdict."""
+        from cosytrain.evaluation.fp16_figures import check_tolerances
+        from cosytrain.evaluation.fp16_speech import check_speech
+
+        vocoder = hift if hift is not None else self._griffin_lim_for(trainer, parts)
+        figures = report.figures
+        try:
+            device = next(parts["flow"].parameters()).device
+            stage = check_speech(parts["flow"], vocoder.to(device),
+                                 take_utterances(batches, self.num_utterances), seed=self.seed,
+                                 encoder=self._speaker_encoder(), asr=self._asr, llm=parts.get("llm"))
+        except Exception as exc:  # noqa: BLE001 - reported like the other stages' errors
+            figures.setdefault("errors", {})["speech"] = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+            return
+        if hift is None:
+            stage["vocoder"] = "griffin_lim"
+        figures["stages"]["speech"] = stage
+        tols = {k: v for k, v in resolve_tolerances(self.tolerances).items() if k.startswith("speech/")}
+        figures["tolerances"].update(tols)
+        failures = check_tolerances({"speech": stage}, tols)
+        figures["failures"] = list(figures["failures"]) + failures
+        figures["passed"] = not figures["failures"]
+
+    def _speaker_encoder(self) -> Any:
+        if self.speaker_encoder_spec == "none":
+            return None
+        if self._encoder is None:
+            from cosytrain.evaluation.speaker_similarity import SpeakerEncoderError, load_speaker_encoder
+
+            try:
+                self._encoder = load_speaker_encoder(self.speaker_encoder_spec, self.hift_from)
+            except SpeakerEncoderError as exc:
+                warnings.warn(f"FP16EvalCallback: no speech/sim ({exc})", FP16CheckWarning, stacklevel=3)
+                self.speaker_encoder_spec = "none"
+        return self._encoder
+
+    def _griffin_lim_for(self, trainer: pl.Trainer, parts: dict[str, nn.Module]) -> nn.Module:
+        if self._griffin_lim is None:
+            from cosytrain.inference.griffin_lim import GriffinLimVocoder
+
+            feat = getattr(getattr(getattr(trainer, "datamodule", None), "options", None), "feat", None)
+            if feat is None:
+                from cosytrain.evaluation.synthesis import generation_of
+                from cosytrain.inference.frontend import _DEFAULT_FEAT, _DEFAULT_SAMPLE_RATE
+
+                gen = generation_of(parts.get("llm"), parts.get("flow"))
+                feat = dict(_DEFAULT_FEAT[gen], sample_rate=_DEFAULT_SAMPLE_RATE[gen])
+            self._griffin_lim = GriffinLimVocoder.from_feat_config(feat)
+        return self._griffin_lim
 
     def _vocoder_for(self, pl_module: pl.LightningModule) -> Optional[nn.Module]:
         if self.hift_from is None:

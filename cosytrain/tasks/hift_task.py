@@ -7,9 +7,8 @@ discriminator. Losses: ``cosytrain.models.hift.losses`` (upstream ``HiFiGan`` we
 ``discriminator_warmup_steps`` the generator gets no adversarial/feature-matching/TPR terms (mel +
 F0 only) while the discriminator already trains.
 
-Checkpoint keys are ``hift.*`` (the generator, exported as ``hift.pt`` by a prefix split: see
-:func:`hift_state_dict`) and ``discriminator.*`` (upstream's ``MultipleDiscriminator`` names, so an
-upstream ``HiFiGan`` checkpoint's ``discriminator.*`` loads).
+Checkpoint keys are ``hift.*`` (the generator) and ``discriminator.*``; reading and writing them is
+:mod:`cosytrain.tasks.hift_weights`.
 
 Precision is owned by this task, not by Lightning's precision plugin: with two optimizers the single
 scaler of Lightning's AMP plugin would couple them (an overflow in one would shrink the other's loss
@@ -34,11 +33,8 @@ Randomness: the NSF source draws noise from the global torch RNG in every genera
 batch, so a run resumed from a checkpoint draws the same noise as an uninterrupted one and DDP ranks
 draw different noise.
 
-Mel source: ``mel_source='ground_truth'`` (upstream) trains on the data's mels; ``'flow'`` trains on
-mels a trained, frozen flow generates from the batch's speech tokens (``flow_dir``: a model
-directory). The flow mel of each utterance is resized to its ground-truth length; that only makes
-sense when the audio is not cropped, so the flow path refuses utterances whose flow length differs
-by more than 10 % (set the data's ``truncate_length`` to at least the longest utterance).
+Mel source: ``mel_source='ground_truth'`` (upstream) trains on the data's mels; ``'flow'`` on mels a
+trained, frozen flow generates (:mod:`cosytrain.tasks.flow_mel_source`).
 """
 
 from __future__ import annotations
@@ -47,25 +43,25 @@ import logging
 import math
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from torch import nn
 
+from cosytrain.modeldir import check_state_dict
 from cosytrain.models.hift.discriminator import (MultiPeriodDiscriminator, MultipleDiscriminator,
                                                  MultiResSpecDiscriminator)
 from cosytrain.models.hift.losses import HiFiGanLoss, MelConfig
-from cosytrain.models.hift.weight_norm import strip_generator_prefix
+from cosytrain.tasks.flow_mel_source import FlowMelSource
+from cosytrain.tasks.hift_weights import read_init_weights
 from cosytrain.tasks.optim import TrainConf, build_optimizer, build_scheduler
 from cosytrain.tasks.precision import normalize_precision
 
 log = logging.getLogger(__name__)
 
-__all__ = ["HiFTTask", "hift_state_dict", "discriminator_state_dict", "check_sample_rate", "split_gan_train_conf",
-           "default_mel_loss_config", "FlowMelSource"]
+__all__ = ["HiFTTask", "check_sample_rate", "split_gan_train_conf", "default_mel_loss_config"]
 
 _GAN_ONLY_KEYS = {"optim_d", "optim_conf_d", "scheduler_d", "scheduler_conf_d"}
 _STEP_SEED_MOD = 2**62
@@ -96,43 +92,6 @@ def split_gan_train_conf(conf: Mapping[str, Any] | None) -> tuple[TrainConf, Tra
             "scheduler_conf": conf.pop("scheduler_conf_d", gen.get("scheduler_conf", {})),
             "grad_clip": gen["grad_clip"]}
     return TrainConf.from_dict(gen), TrainConf.from_dict(disc)
-
-
-def _unwrap_state_dict(checkpoint: Mapping[str, Any] | str | Path) -> Mapping[str, Any]:
-    if isinstance(checkpoint, (str, Path)):
-        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    if not isinstance(checkpoint, Mapping):
-        raise ValueError(f"expected a checkpoint dict, got {type(checkpoint).__name__}")
-    state = checkpoint.get("state_dict", checkpoint)
-    if not isinstance(state, Mapping):
-        raise ValueError("checkpoint['state_dict'] is not a mapping")
-    return state
-
-
-def _prefixed(state: Mapping[str, Any], prefix: str) -> dict[str, torch.Tensor]:
-    out = {}
-    for key, value in state.items():
-        key = key.replace("_orig_mod.", "")
-        if key.startswith(prefix) and isinstance(value, torch.Tensor):
-            out[key[len(prefix):]] = value
-    return out
-
-
-def hift_state_dict(checkpoint: Mapping[str, Any] | str | Path) -> dict[str, torch.Tensor]:
-    """The generator's plain state dict (upstream ``hift.pt`` layout) from a HiFTTask checkpoint.
-
-    Accepts a Lightning checkpoint (dict or path) or its ``state_dict``; keys ``hift.*`` with the
-    prefix split off, nothing of the discriminator.
-    """
-    state = _prefixed(_unwrap_state_dict(checkpoint), "hift.")
-    if not state:
-        raise ValueError("checkpoint has no 'hift.*' weights; is it a HiFTTask checkpoint?")
-    return state
-
-
-def discriminator_state_dict(checkpoint: Mapping[str, Any] | str | Path) -> dict[str, torch.Tensor]:
-    """``discriminator.*`` of a HiFTTask checkpoint, prefix split off (upstream MultipleDiscriminator keys)."""
-    return _prefixed(_unwrap_state_dict(checkpoint), "discriminator.")
 
 
 def check_sample_rate(model_rate: int, data_rate: Optional[int], model_hop: Optional[int] = None,
@@ -167,65 +126,6 @@ def _norm(params: Sequence[nn.Parameter], clip: float) -> torch.Tensor:
     if not params:
         return torch.zeros(())
     return torch.nn.utils.clip_grad_norm_(params, clip if clip and clip > 0 else math.inf)
-
-
-# ------------------------------------------------------------------------------------------ flow mels
-
-
-class FlowMelSource:
-    """Mels a frozen flow makes from the batch's speech tokens, resized to the ground-truth frame count.
-
-    Kept outside the module tree on purpose: the flow is not trained, not saved in the checkpoint and
-    not exported. ``synthesize(flow, one_utterance_batch, device) -> (80, T')`` defaults to
-    upstream's prompt-free ``flow.inference`` call (``cosytrain.tasks.callbacks.synthesize_mel``).
-    """
-
-    def __init__(self, flow: nn.Module, synthesize: Optional[Callable[..., Optional[torch.Tensor]]] = None,
-                 max_length_ratio_error: float = 0.1) -> None:
-        if synthesize is None:
-            from cosytrain.tasks.callbacks import synthesize_mel
-
-            synthesize = synthesize_mel
-        self.flow = flow.eval().requires_grad_(False)
-        self.synthesize = synthesize
-        self.max_error = max_length_ratio_error
-
-    def to(self, device: torch.device) -> "FlowMelSource":
-        self.flow.to(device)
-        return self
-
-    @staticmethod
-    def from_model_dir(model_dir: str) -> "FlowMelSource":
-        from cosytrain.modeldir import load_model_dir
-
-        _, parts = load_model_dir(model_dir, parts=["flow"], device="cpu")
-        return FlowMelSource(parts["flow"])
-
-    @torch.no_grad()
-    def __call__(self, batch: Mapping[str, Any], device: torch.device) -> torch.Tensor:
-        feat = batch["speech_feat"]
-        lens = batch.get("speech_feat_len")
-        out = torch.zeros(feat.shape, dtype=torch.float32, device=device)
-        for i in range(feat.shape[0]):
-            length = int(lens[i]) if lens is not None else feat.shape[1]
-            one = {k: (v[i:i + 1] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == feat.shape[0] else v)
-                   for k, v in batch.items()}
-            with torch.autocast(device_type=device.type, enabled=False):
-                mel = self.synthesize(self.flow, one, device)
-            if mel is None:
-                raise ValueError("mel_source=flow: the flow has no upstream-style inference() or the batch lacks"
-                                 " speech_token/embedding")
-            mel = mel.float()
-            made = mel.shape[-1]
-            if abs(made - length) > self.max_error * max(length, 1):
-                utt = batch.get("utts", [None] * feat.shape[0])[i]
-                raise ValueError(f"mel_source=flow: the flow made {made} frames for utterance {utt} but its audio has"
-                                 f" {length}; the flow path needs uncropped audio: set data.init_args.truncate_length"
-                                 " to at least the longest utterance's samples")
-            if made != length:
-                mel = F.interpolate(mel[None], size=length, mode="linear", align_corners=False)[0]
-            out[i, :length] = mel.t()
-        return out
 
 
 # ------------------------------------------------------------------------------------------------ task
@@ -316,38 +216,12 @@ class HiFTTask(pl.LightningModule):
     # ------------------------------------------------------------------ weights
     def load_init_weights(self, init_from: str | Path) -> None:
         """Load ``init_from`` (see the class doc) strictly after a shape check; one-line errors."""
-        from cosytrain.models.upstream_yaml import check_state_dict
-
-        path = Path(init_from)
-        if path.is_dir():
-            from cosytrain.modeldir import clean_part_state_dict, load_weights_file
-
-            what = str(path / "hift.pt")
-            raw = load_weights_file(path / "hift.pt", what)
-            tensors = raw if not isinstance(raw, Mapping) else {k: v for k, v in raw.items()}
-            # a whole HiFiGan saved as hift.pt also carries discriminator.* keys: take them too
-            disc = _prefixed(tensors, "discriminator.") if isinstance(tensors, Mapping) else {}
-            if disc:
-                tensors = {k: v for k, v in tensors.items() if not str(k).startswith("discriminator.")}
-            gen = clean_part_state_dict("hift", tensors, what)
-        elif path.is_file():
-            from cosytrain.modeldir import load_weights_file
-
-            raw = load_weights_file(path)
-            state = _unwrap_state_dict(raw)
-            tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-            if any(k.startswith("hift.") for k in tensors):  # a HiFTTask checkpoint
-                gen, disc = _prefixed(tensors, "hift."), _prefixed(tensors, "discriminator.")
-            else:  # upstream HiFiGan (generator.* + discriminator.*) or a bare hift.pt
-                disc = _prefixed(tensors, "discriminator.")
-                gen = strip_generator_prefix({k: v for k, v in tensors.items() if not k.startswith("discriminator.")})
-            what = str(path)
-        else:
-            raise FileNotFoundError(f"init_from: {path} is neither a model directory nor a checkpoint file")
-        check_state_dict(self.hift, gen, name=f"init_from {what} (generator)")
+        gen, disc, what = read_init_weights(init_from)
+        check_state_dict(self.hift, gen, f"init_from {what} (generator)", model_what="the task's hift")
         self.hift.load_state_dict(gen, strict=True)
         if disc:
-            check_state_dict(self.discriminator, disc, name=f"init_from {what} (discriminator)")
+            check_state_dict(self.discriminator, disc, f"init_from {what} (discriminator)",
+                             model_what="the task's discriminator")
             self.discriminator.load_state_dict(disc, strict=True)
         log.info("init_from %s: generator%s loaded", what, " and discriminator" if disc else "")
 

@@ -15,7 +15,9 @@ import torch
 
 from cosytrain.tasks.schedulers import SCHEDULERS, ConstantLR
 
-OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+# sgd (plain, no state without momentum) also serves memory-bound smoke runs of official-size models
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
+                                                      "sgd": torch.optim.SGD}
 
 # upstream train_conf key -> what to use instead in cosytrain
 _MOVED_KEYS = {

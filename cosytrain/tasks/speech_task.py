@@ -39,64 +39,21 @@ from cosytrain.tasks.precision import loss_scale
 PART_NAMES = ("llm", "flow")
 
 
-def _shape(t: torch.Tensor) -> list[int]:
-    return list(t.shape)
-
-
-def check_part_state_dict(name: str, part: nn.Module, state: Mapping[str, Any], source: str) -> None:
-    """Strictly compare a plain state dict with a part; one error naming every offending key.
-
-    A vocabulary mismatch shows up as an embedding/output layer whose first dimension differs; it is
-    named as such so the user knows to fix the tokenizer/config rather than the checkpoint.
-    """
-    own = part.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    mismatched = []
-    for k, v in state.items():
-        if k in own and tuple(v.shape) != tuple(own[k].shape):
-            note = ""
-            if v.dim() == own[k].dim() and v.shape[1:] == own[k].shape[1:] and v.shape[0] != own[k].shape[0]:
-                note = f" (vocabulary/first dim {v.shape[0]} vs {own[k].shape[0]})"
-            mismatched.append(f"{name}.{k} checkpoint {_shape(v)} vs model {_shape(own[k])}{note}")
-    if not (missing or unexpected or mismatched):
-        return
-
-    def few(keys: list[str]) -> str:
-        shown = ", ".join(keys[:6])
-        return shown + (f" (+{len(keys) - 6} more)" if len(keys) > 6 else "")
-
-    parts = []
-    if mismatched:
-        parts.append("shape mismatch: " + few(mismatched))
-    if missing:
-        parts.append("missing in checkpoint: " + few([f"{name}.{k}" for k in missing]))
-    if unexpected:
-        parts.append("not in model: " + few([f"{name}.{k}" for k in unexpected]))
-    raise ValueError(f"init_from {source} does not fit the {name} part: " + "; ".join(parts)
-                     + ". Check that the recipe's model config matches the model directory.")
-
-
 def load_part_weights(name: str, part: nn.Module, model_dir: str | Path) -> None:
-    """Load ``<model_dir>/<name>.pt`` (upstream's plain state dict) into ``part``, strictly and weights-only."""
+    """Load ``<model_dir>/<name>.pt`` (upstream's plain state dict) into ``part``, strictly and weights-only.
+
+    The checks before the load are the model directory's (:func:`cosytrain.modeldir.check_state_dict`):
+    weights of another generation, then every missing, unexpected or shape-mismatched key, in one line.
+    """
     path = Path(model_dir) / f"{name}.pt"
     if not path.is_file():
         raise FileNotFoundError(f"init_from: {path} not found; init_from must be a model directory holding {name}.pt")
-    from cosytrain.modeldir import GENERATION_NAMES, load_weights_file, state_dict_generation
+    from cosytrain.modeldir import check_state_dict, clean_part_state_dict, load_weights_file
 
-    state = load_weights_file(path, f"init_from: {path}")  # weights only; pickled code -> one line
-    if not isinstance(state, Mapping):
-        raise ValueError(f"init_from: {path} is not a plain state dict")
-    # upstream's DDP save_model adds int entries 'epoch'/'step' beside the tensors
-    state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-
-    given, telling = state_dict_generation(name, state)
-    wanted, _ = state_dict_generation(name, part.state_dict())
-    if given is not None and wanted is not None and given != wanted:
-        raise ValueError(f"init_from {path}: the {name} weights are {GENERATION_NAMES[given]} ({telling[0]}, ...) but"
-                         f" the recipe's {name} is a {GENERATION_NAMES[wanted]} model; use a model directory and"
-                         " model config of the same generation")
-    check_part_state_dict(name, part, state, str(path))
+    # weights only (pickled code -> one line); upstream's DDP save_model adds int 'epoch'/'step' entries
+    state = clean_part_state_dict(name, load_weights_file(path, f"init_from: {path}"), f"init_from: {path}")
+    check_state_dict(part, state, f"init_from {path}", part=name, model_what=f"the recipe's {name}",
+                     fix="check that the recipe's model config matches the model directory", limit=6)
     part.load_state_dict(state, strict=True)
 
 

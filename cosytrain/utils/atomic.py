@@ -1,5 +1,8 @@
 """Atomic writes: a reader sees the old file or the new one, never half of one.
 
+What lands has the modes a plain write would give (files 0666, directories 0777, less the umask),
+not the private 0600/0700 of the temporary names.
+
 Checkpoints and exports are the only copy of days of GPU time, so every write goes to a temporary
 file in the same directory, is flushed and fsync'ed, and is renamed over the target with
 ``os.replace`` (atomic on POSIX within one file system). On any error (ENOSPC included) the
@@ -31,6 +34,26 @@ def _fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _normal_modes(root: Path) -> None:
+    """``mkstemp``/``mkdtemp`` create 0600/0700 entries; what is renamed into place gets the modes a
+    plain ``open``/``mkdir`` would give (0644/0755 under the usual umask 022), so others on a shared
+    machine can read a model or checkpoint as they read any file."""
+    mask = _umask()
+    if root.is_dir():
+        os.chmod(root, 0o777 & ~mask)
+        for path in root.rglob("*"):
+            if not path.is_symlink():
+                os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+    else:
+        os.chmod(root, 0o666 & ~mask)
+
+
 def _describe(exc: OSError, path: Path) -> str:
     if exc.errno == errno.ENOSPC:
         return f"{path}: no space left on device; the previous file is intact - free space and retry"
@@ -51,6 +74,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[BinaryIO]
             yield handle  # type: ignore[misc]
             handle.flush()
             os.fsync(handle.fileno())
+        _normal_modes(tmp)
         os.replace(tmp, target)
         _fsync_dir(target.parent)
     except OSError as exc:
@@ -122,6 +146,7 @@ def atomic_directory(target: str | os.PathLike, fill: Callable[[Path], None], ov
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         fill(tmp)
+        _normal_modes(tmp)
         for file in tmp.rglob("*"):
             if file.is_file():
                 with open(file, "rb") as handle:

@@ -55,7 +55,7 @@ def _scalar_facts(rows: list[dict]) -> list[dict]:
 
 def test_scanned_facts_equal_row_facts(tmp_path: Path) -> None:
     path = write_shard(tmp_path / "s.parquet", VARIED_ROWS, row_group_size=5)
-    got = F.read_shard_facts(path, batch_rows=7)
+    got = B.read_shard_facts(path, batch_rows=7)
     assert got.error is None and not got.from_columns and list(got.row_groups) == [5, 5, 5, 5, 2]
     for rec, want, text in zip(got.facts, _scalar_facts(VARIED_ROWS), got.texts):
         for key in ("num_samples", "sample_rate", "speech_token_len", "speech_token_min", "speech_token_max",
@@ -75,9 +75,9 @@ def test_unusual_column_types_take_the_per_row_path(tmp_path: Path) -> None:
     rows[0]["speech_token"] = [1, None, 2]  # a null inside a list: row_facts says bad_speech_token
     table = pa.Table.from_pylist([{k: r[k] for k in schema.names} for r in rows], schema=schema)
     pq.write_table(table, tmp_path / "nulls.parquet")
-    odd = F.read_shard_facts(str(tmp_path / "odd.parquet"))
+    odd = B.read_shard_facts(str(tmp_path / "odd.parquet"))
     assert list(odd.facts["speech_token_len"]) == [3, 2] and list(odd.facts["utt_embedding_dim"]) == [192, 192]
-    nulls = F.read_shard_facts(str(tmp_path / "nulls.parquet"))
+    nulls = B.read_shard_facts(str(tmp_path / "nulls.parquet"))
     assert list(nulls.facts["speech_token_len"]) == [-1, 2]
     assert P.row_facts(rows[0])["speech_token_len"] == -1
 
@@ -140,7 +140,7 @@ def test_prepare_shards_are_indexed_from_columns_without_audio(tmp_path: Path, m
     scanned = ShardIndex.build([plain], OPTS)
     monkeypatch.setattr(F, "audio_facts", lambda data: pytest.fail("audio was read to plan batches"))
     from_cols = ShardIndex.build([str(with_cols)], OPTS)
-    assert F.read_shard_facts(str(with_cols)).from_columns
+    assert B.read_shard_facts(str(with_cols)).from_columns
     assert np.array_equal(from_cols.frames_of, scanned.frames_of) and np.array_equal(from_cols.row_of, scanned.row_of)
 
 
@@ -151,7 +151,7 @@ def test_second_launch_reads_only_the_cache_and_a_new_tokenizer_only_the_texts(t
     first = ShardIndex.build(shards, OPTS, cache_dir=str(cache))
     assert len(list(cache.glob("*.facts.npz"))) == 2 and len(list(cache.glob("*.text-*.npy"))) == 2
     assert not list(cache.glob("*.claim")) and sorted(first.stats.indexed) == [0, 1]
-    real_read = F.read_shard_facts
+    real_read = B.read_shard_facts
     monkeypatch.setattr(B, "read_shard_facts", lambda path, **kw: pytest.fail(f"{path} read again"))
     monkeypatch.setattr(B, "_read_texts", lambda path: pytest.fail(f"{path} texts read again"))
     real_load = B.load_cached

@@ -12,8 +12,12 @@ import numpy as np
 import pytest
 import torch
 
+from cosytrain.evaluation import fp16_batches as B
 from cosytrain.evaluation import fp16_check as C
-from cosytrain.models.registry import build_from_fixture_config
+from cosytrain.evaluation import fp16_cli as CLI
+from cosytrain.evaluation import fp16_figures as F
+from cosytrain.evaluation import fp16_stages as S
+from cosytrain.modeldir import build_from_fixture_config
 from tests.conftest import load_fixture
 
 FIXTURES = {"llm": "v1_llm", "flow": "v1_flow", "hift": "hift_v1"}
@@ -35,7 +39,7 @@ def parts() -> dict[str, torch.nn.Module]:
 @pytest.fixture(scope="module")
 def batch() -> dict:
     # v1_llm: 100 text tokens, 40 speech tokens; v1_flow vocabulary 64
-    return C.synthetic_batch(3, text_vocab=100, speech_vocab=40, min_tokens=10, max_tokens=14, seed=5)
+    return B.synthetic_batch(3, text_vocab=100, speech_vocab=40, min_tokens=10, max_tokens=14, seed=5)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +54,7 @@ def report(parts, batch) -> C.FP16Report:
 
 def test_fixture_models_pass_within_default_tolerances(report) -> None:
     figs = report.figures
-    assert figs["passed"], C.format_table(figs)
+    assert figs["passed"], F.format_table(figs)
     assert set(figs["stages"]) == {"llm", "flow", "hift"}
     assert figs["num_utterances"] == 2
     assert figs["autocast"] == {"device_type": "cpu", "dtype": "float16", "note": C.autocast_spec("cpu").note}
@@ -66,7 +70,7 @@ def test_fixture_models_pass_within_default_tolerances(report) -> None:
     json.dumps(figs)  # plain data only
 
 
-class _NoAutocast(C.AutocastSpec):
+class _NoAutocast(S.AutocastSpec):
     """A 'FP16' run that is FP32: every difference must then be exactly zero."""
 
     def fp16(self):
@@ -84,7 +88,7 @@ def test_same_seeds_and_noise_make_an_fp32_rerun_identical(parts, batch, monkeyp
 
 def test_flow_noise_is_replayed_even_without_seeding(parts, batch, monkeypatch) -> None:
     monkeypatch.setattr(C, "autocast_spec", lambda device: _NoAutocast("cpu"))
-    monkeypatch.setattr(C, "_seed_all", lambda seed: None)
+    monkeypatch.setattr(S, "_seed_all", lambda seed: None)
     stages = C.run_fp16_check(batch, flow=parts["flow"], num_utterances=1).figures["stages"]
     assert stages["flow"]["mel_l1"] == 0.0  # the FP32 run's initial noise went into the second run
 
@@ -140,7 +144,7 @@ def test_fp16_only_faults_fail_their_stage(parts, batch) -> None:
     with _fault(parts["hift"].conv_post, lambda out: out * 1.5):
         figs = C.run_fp16_check(mel, hift=parts["hift"], num_utterances=1).figures
     assert figs["stages"]["hift"]["mel_source"] == "batch"
-    assert any(f.startswith("hift/lsd_db") for f in figs["failures"]), C.format_table(figs)
+    assert any(f.startswith("hift/lsd_db") for f in figs["failures"]), F.format_table(figs)
 
 
 def test_exceptions_fp16_only_fail_others_are_reported(batch) -> None:
@@ -162,29 +166,29 @@ def test_exceptions_fp16_only_fail_others_are_reported(batch) -> None:
     figs = C.run_fp16_check(batch, flow=Broken(only_fp16=False), num_utterances=1).figures
     assert figs["errors"] == {"flow": "RuntimeError: boom"} and "flow" not in figs["stages"]
     assert figs["passed"]  # not an FP16 finding, but visible
-    assert "flow: NOT CHECKED" in C.format_table(figs) and "INCOMPLETE: flow" in C.format_table(figs)
+    assert "flow: NOT CHECKED" in F.format_table(figs) and "INCOMPLETE: flow" in F.format_table(figs)
 
 
 def test_tolerances_overrides_and_unknown_keys() -> None:
-    tol = C.resolve_tolerances({"flow/mel_l1": 1.0, "llm/kl_mean": None})
+    tol = F.resolve_tolerances({"flow/mel_l1": 1.0, "llm/kl_mean": None})
     assert tol["flow/mel_l1"] == 1.0 and tol["llm/kl_mean"] is None
     with pytest.raises(ValueError, match="unknown FP16 tolerance 'flow/l1'"):
-        C.resolve_tolerances({"flow/l1": 1.0})
+        F.resolve_tolerances({"flow/l1": 1.0})
     stages = {"llm": {"top1_agreement": 0.5, "kl_mean": float("nan")}, "flow": {"cosine": 0.9999}}
-    failures = C.check_tolerances(stages, C.resolve_tolerances())
+    failures = F.check_tolerances(stages, F.resolve_tolerances())
     assert len(failures) == 2 and failures[0].startswith("llm/top1_agreement = 0.5 < 0.95")
     assert "not finite" in failures[1]
 
 
 def test_flat_figures_card_section_and_checkpoint_lookup(report) -> None:
-    flat = C.flat_figures(report.figures)
+    flat = F.flat_figures(report.figures)
     assert flat["fp16/passed"] == 1.0 and flat["fp16/flow/mel_l1"] == report.figures["stages"]["flow"]["mel_l1"]
-    card = C.model_card_section(report.figures)
+    card = F.model_card_section(report.figures)
     assert card["passed"] is True and card["stages"] == report.figures["stages"]
-    ckpt = {"callbacks": {C.CALLBACK_STATE_KEY: {"last_figures": report.figures, "validations": 3}}}
-    assert C.figures_from_checkpoint(ckpt) == report.figures
-    assert C.figures_from_checkpoint({"callbacks": {}}) is None
-    assert "PASSED" in C.format_table(report.figures)
+    ckpt = {"callbacks": {F.CALLBACK_STATE_KEY: {"last_figures": report.figures, "validations": 3}}}
+    assert F.figures_from_checkpoint(ckpt) == report.figures
+    assert F.figures_from_checkpoint({"callbacks": {}}) is None
+    assert "PASSED" in F.format_table(report.figures)
 
 
 def test_cli_on_a_model_directory(tmp_path: Path, capsys) -> None:
@@ -192,7 +196,7 @@ def test_cli_on_a_model_directory(tmp_path: Path, capsys) -> None:
 
     model_dir = tiny.make_model_dir(tmp_path / "model")
     (model_dir / "cosytrain.json").write_text(json.dumps({"format": 1, "generation": "v1"}))
-    assert C.main(["--model_dir", str(model_dir), "--num_utterances", "1", "--parts", "flow,hift"]) == 0
+    assert CLI.main(["--model_dir", str(model_dir), "--num_utterances", "1", "--parts", "flow,hift"]) == 0
     out = capsys.readouterr().out
     assert "flow   mel_l1" in out and "PASSED" in out
     written = json.loads((model_dir / "fp16_check.json").read_text())
@@ -202,13 +206,13 @@ def test_cli_on_a_model_directory(tmp_path: Path, capsys) -> None:
     assert card["generation"] == "v1" and card["fp16_check"]["stages"] == written["stages"]
 
     # an impossible bound fails with exit status 1; a bad option is a one-line error (status 2)
-    assert C.main(["--model_dir", str(model_dir), "--num_utterances", "1", "--parts", "hift",
+    assert CLI.main(["--model_dir", str(model_dir), "--num_utterances", "1", "--parts", "hift",
                    "--tolerance", "hift/lsd_db=0", "--no_update_card"]) == 1
     assert "FAILED: hift/lsd_db" in capsys.readouterr().out
     assert json.loads((model_dir / "cosytrain.json").read_text()) == card  # --no_update_card left it alone
-    assert C.main(["--model_dir", str(model_dir), "--tolerance", "flow/l1=1"]) == 2
+    assert CLI.main(["--model_dir", str(model_dir), "--tolerance", "flow/l1=1"]) == 2
     assert "unknown FP16 tolerance" in capsys.readouterr().err
-    assert C.main(["--model_dir", str(tmp_path / "missing")]) == 2
+    assert CLI.main(["--model_dir", str(tmp_path / "missing")]) == 2
 
 
 def test_cli_reads_utterances_through_the_data_pipeline(tmp_path: Path, capsys, demo_corpus) -> None:
@@ -218,7 +222,7 @@ def test_cli_reads_utterances_through_the_data_pipeline(tmp_path: Path, capsys, 
     model_dir = tiny.make_model_dir(tmp_path / "model", front_end=False)
     (model_dir / "cosytrain.json").write_text(json.dumps({"run_text_tokenizer": "byte"}))
     # the demo's 256-token codebook does not fit the fixture flow's 64: named, not an IndexError
-    assert C.main(["--model_dir", str(model_dir), "--data", str(data_list), "--num_utterances", "1",
+    assert CLI.main(["--model_dir", str(model_dir), "--data", str(data_list), "--num_utterances", "1",
                    "--parts", "flow,hift"]) == 2
     written = json.loads((model_dir / "fp16_check.json").read_text())
     assert "flow's speech vocabulary has 64" in written["errors"]["flow"]
@@ -236,7 +240,7 @@ def test_cosyvoice2_and_3_fixture_models_pass(gen: str, tmp_path: Path) -> None:
     llm = build_fixture_model(fx, make_qwen_dir(tmp_path / "qwen", fx["qwen2_config"], weights=False))
     flow, hift = _built(f"{gen}_flow"), _built(f"hift_{gen}")
     # 24 kHz v2/v3 mel (n_fft 1920, hop 480), 2 mel frames per 25 Hz token; flow vocabulary 64, llm 60 speech ids
-    batch = C.synthetic_batch(2, text_vocab=100, speech_vocab=60, sample_rate=24000, n_fft=1920, hop_size=480,
+    batch = B.synthetic_batch(2, text_vocab=100, speech_vocab=60, sample_rate=24000, n_fft=1920, hop_size=480,
                               win_size=1920, frames_per_token=2, min_tokens=12, max_tokens=16, seed=7)
     report = C.run_fp16_check(batch, llm=llm, flow=flow, hift=hift, num_utterances=2)
     assert set(report.figures["stages"]) == {"llm", "flow", "hift"}, report.figures.get("errors")

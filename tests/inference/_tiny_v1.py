@@ -36,7 +36,7 @@ def state(part: str) -> dict[str, torch.Tensor]:
 
 
 def build(part: str, weights: Mapping[str, torch.Tensor] | None = None) -> torch.nn.Module:
-    from cosytrain.models.registry import build_from_fixture_config
+    from cosytrain.modeldir import build_from_fixture_config
 
     module = build_from_fixture_config(config(part))
     module.load_state_dict(state(part) if weights is None else dict(weights), strict=True)
@@ -45,8 +45,7 @@ def build(part: str, weights: Mapping[str, torch.Tensor] | None = None) -> torch
 
 def yaml_text(parts: Mapping[str, Any] | None = None) -> str:
     """A v1 ``cosyvoice.yaml`` for the tiny parts (upstream's header and front-end keys, by hand)."""
-    from cosytrain.models.registry import fixture_config_to_tree
-    from cosytrain.models.upstream_yaml import dump_upstream_yaml
+    from cosytrain.modeldir import dump_upstream_yaml, fixture_config_to_tree
 
     tree = {p: fixture_config_to_tree((parts or {}).get(p, config(p))) for p in ("llm", "flow", "hift")}
     head = ("__set_seed1: !apply:random.seed [1986]\n"
@@ -97,7 +96,7 @@ def make_ckpt(path: Path, parts: Mapping[str, Mapping[str, torch.Tensor]], epoch
 
 
 def _class_path(upstream: str) -> str:
-    from cosytrain.models.registry import CLASSES, FUNCTIONS
+    from cosytrain.modeldir.registry import CLASSES, FUNCTIONS
 
     return {**CLASSES, **FUNCTIONS}[upstream].replace(":", ".")
 

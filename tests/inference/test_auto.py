@@ -46,8 +46,7 @@ def _tiny_configs(text_token_size: int = 257) -> dict[str, Any]:
 
 
 def v1_yaml(configs: dict[str, Any]) -> str:
-    from cosytrain.models.registry import fixture_config_to_tree
-    from cosytrain.models.upstream_yaml import Name, dump_upstream_yaml
+    from cosytrain.modeldir import Name, dump_upstream_yaml, fixture_config_to_tree
 
     tree: dict[str, Any] = {"sample_rate": SR_V1}
     tree.update({part: fixture_config_to_tree(configs[part]) for part in ("llm", "flow", "hift")})
@@ -76,7 +75,7 @@ def _front_end_files(path: Path, token_rate: int, codebook_size: int) -> torch.T
 
 def make_v1_dir(path: Path, seed: int = 0) -> Path:
     """A complete tiny CosyVoice 1 model directory at ``path``."""
-    from cosytrain.models.registry import build_from_fixture_config
+    from cosytrain.modeldir import build_from_fixture_config
 
     path.mkdir(parents=True, exist_ok=True)
     configs = _tiny_configs()
@@ -314,8 +313,7 @@ _QWEN_FIXTURES = {"v2": ("v2_llm", "v2_flow", "hift_v2", "cosyvoice2.yaml"),
 def make_qwen_dir(path: Path, generation: str) -> Path:
     """A tiny CosyVoice 2/3 directory: the fixture configs, a random tiny Qwen2 config in CosyVoice-BlankEN
     (no weights: Qwen2Encoder builds it from config.json), the byte text tokenizer."""
-    from cosytrain.models.registry import build_from_fixture_config, fixture_config_to_tree
-    from cosytrain.models.upstream_yaml import dump_upstream_yaml
+    from cosytrain.modeldir import build_from_fixture_config, dump_upstream_yaml, fixture_config_to_tree
 
     llm_name, flow_name, hift_name, yaml_name = _QWEN_FIXTURES[generation]
     fx_llm = load_fixture(llm_name)

@@ -18,12 +18,9 @@ from cosytrain.inference.frontend import (
     feat_params,
     load_spk2info,
     load_wav,
-    number_to_words,
-    spell_out_numbers,
-    split_paragraph,
-    text_normalize,
     text_tokenizer_spec,
 )
+from cosytrain.inference.text_normalizer import number_to_words, spell_out_numbers, split_paragraph, text_normalize
 from cosytrain.modeldir import open_model_dir
 from tests.inference.test_auto import SPEAKER, shared_v1_dir, synthetic_voice, write_prompt
 

@@ -142,3 +142,23 @@ def test_from_model_dir(tmp_path: Path) -> None:
     loaded = CosyVoiceModel.from_model_dir(directory, device="cpu")
     assert torch.equal(loaded.flow.state_dict()["encoder_proj.weight"], tiny.state("flow")["encoder_proj.weight"])
     assert loaded.sample_rate == 22050 and loaded.mel_overlap_len == 34 and loaded.source_cache_len == 20 * 256
+
+
+def test_load_checks_each_file_against_its_part_in_one_line(tmp_path: Path) -> None:
+    """``load(llm, flow, hift)`` (upstream's signature) goes through the model directory's strict check."""
+    from cosytrain.modeldir import StateDictMismatchError
+
+    engine = CosyVoiceModel(tiny.build("llm", tiny.perturbed("llm", 1)), tiny.build("flow"), tiny.build("hift"),
+                            device="cpu")
+    files = {part: tmp_path / f"{part}.pt" for part in ("llm", "flow", "hift")}
+    for part, path in files.items():
+        torch.save(tiny.state(part), path)
+    engine.load(files["llm"], files["flow"], files["hift"])
+    assert all(torch.equal(v, tiny.state("llm")[k]) for k, v in engine.llm.state_dict().items())
+    wrong = tiny.state("flow")
+    wrong["encoder_proj.weight"] = torch.zeros(3, 3)
+    torch.save(wrong, files["flow"])
+    with pytest.raises(StateDictMismatchError) as err:
+        engine.load(files["llm"], files["flow"], files["hift"])
+    message = str(err.value)
+    assert "\n" not in message and str(files["flow"]) in message and "encoder_proj.weight: model [" in message

@@ -69,8 +69,7 @@ def test_official_discriminator_keys_and_shapes_match_upstream():
 
 
 def test_registry_builds_upstream_hifigan_discriminator_section():
-    from cosytrain.models.registry import Builder
-    from cosytrain.models.upstream_yaml import load_upstream_config
+    from cosytrain.modeldir import Builder, load_upstream_config
     from tests.conftest import reference_dir
 
     path = reference_dir() / "configs" / "cosyvoice2.yaml"

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from cosytrain.models.flow.blocks import Attention, SinusoidalPosEmb, mask_to_bias
+from cosytrain.models.flow.blocks import SinusoidalPosEmb, mask_to_bias
+from cosytrain.models.flow.transformer_blocks import Attention
 from cosytrain.models.flow.decoder import ConditionalDecoder
 from cosytrain.models.flow.flow_matching import ConditionalCFM
 from tests.conftest import load_fixture, load_manifest

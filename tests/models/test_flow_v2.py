@@ -16,7 +16,7 @@ import torch
 
 from cosytrain.models.flow.flow_matching import CausalConditionalCFM, fixed_noise
 from cosytrain.models.flow.pre_lookahead import PreLookaheadLayer
-from cosytrain.models.registry import build_from_fixture_config
+from cosytrain.modeldir import build_from_fixture_config
 from cosytrain.models.transformer.upsample_encoder import UpsampleConformerEncoder
 from tests.conftest import load_fixture
 from tests.models.test_flow_v1 import check_train_loss, close, inference_args

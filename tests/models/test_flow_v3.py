@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cosytrain.models.flow.dit import DiT, apply_rotary_pos_emb
-from cosytrain.models.registry import build_from_fixture_config
+from cosytrain.modeldir import build_from_fixture_config
 from tests.conftest import load_fixture
 from tests.models.test_flow_v2 import (
     build_loaded,

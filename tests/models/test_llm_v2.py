@@ -18,7 +18,7 @@ import torch
 
 from cosytrain.models.common import IGNORE_ID
 from cosytrain.models.llm import Qwen2Encoder, Qwen2LM
-from cosytrain.models.registry import build_from_fixture_config
+from cosytrain.modeldir import build_from_fixture_config
 from tests.conftest import load_fixture
 
 

@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from cosytrain.models.upstream_yaml import UpstreamConfigError, build_parts, load_upstream_config
+from cosytrain.modeldir import UpstreamConfigError, build_parts, load_upstream_config
 from tests.conftest import load_manifest, reference_dir
 
 CONFIGS = {"v1": "cosyvoice.yaml", "v2": "cosyvoice2.yaml", "v3": "cosyvoice3.yaml"}

@@ -10,8 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from cosytrain.evaluation.fp16_check import figures_from_checkpoint, synthetic_batch
-from cosytrain.models.registry import build_from_fixture_config
+from cosytrain.evaluation.fp16_batches import synthetic_batch
+from cosytrain.evaluation.fp16_figures import figures_from_checkpoint
+from cosytrain.modeldir import build_from_fixture_config
 from cosytrain.tasks.fp16_callback import FP16CheckWarning, FP16EvalCallback
 from tests.conftest import load_fixture
 
@@ -89,14 +90,17 @@ def test_logs_figures_audio_and_images_and_saves_them_in_the_checkpoint(tmp_path
 
     assert trainer.current_epoch == 3 and not trainer.should_stop  # passing figures do not stop training
     figures = callback.last_figures
-    assert figures["passed"] and set(figures["stages"]) == {"llm", "flow", "hift"}
+    assert figures["passed"] and set(figures["stages"]) == {"llm", "flow", "hift", "speech"}
+    speech = figures["stages"]["speech"]  # the audio as served: flow under FP16 autocast, then the vocoder
+    assert speech["nonfinite"] == 0 and speech["utterances"] == 2 and speech["sim"] >= 0.95
+    assert 0 <= speech["mcd_db"] < 3.0 and figures["tolerances"]["speech/sim"] == 0.95
     assert figures["num_utterances"] == 2  # collected across the two validation batches of 1
     assert figures["global_step"] == 2 and callback.validations == 3  # ran at the 2nd validation only
     assert figures["vocoder"].startswith("hift_from=")
 
     acc = _tensorboard_tags(Path(logger.log_dir))
     scalars = acc.Tags()["scalars"]
-    for tag in ("fp16/llm/kl_mean", "fp16/flow/mel_l1", "fp16/hift/lsd_db", "fp16/passed"):
+    for tag in ("fp16/llm/kl_mean", "fp16/flow/mel_l1", "fp16/hift/lsd_db", "fp16/speech/sim", "fp16/passed"):
         assert tag in scalars
     assert [e.step for e in acc.Scalars("fp16/flow/mel_l1")] == [2]
     assert acc.Scalars("fp16/flow/mel_l1")[0].value == pytest.approx(figures["stages"]["flow"]["mel_l1"], rel=1e-6)

@@ -15,8 +15,9 @@ from cosytrain.data.features import mel_spectrogram
 from cosytrain.models.hift import ConvRNNF0Predictor, HiFTGenerator
 from cosytrain.models.hift.discriminator import (MultiPeriodDiscriminator, MultipleDiscriminator,
                                                  MultiResSpecDiscriminator)
-from cosytrain.tasks.hift_task import (FlowMelSource, HiFTTask, check_sample_rate, default_mel_loss_config,
-                                       hift_state_dict, split_gan_train_conf)
+from cosytrain.tasks.flow_mel_source import FlowMelSource
+from cosytrain.tasks.hift_task import HiFTTask, check_sample_rate, default_mel_loss_config, split_gan_train_conf
+from cosytrain.tasks.hift_weights import hift_state_dict
 from cosytrain.tasks.lightning_cli import build_trainer
 
 QUIET = dict(accelerator="cpu", enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
@@ -329,7 +330,7 @@ def test_official_vocoder_confs_match_upstream_manifests(conf, manifest, upstrea
 
     import yaml
 
-    from cosytrain.models.upstream_yaml import load_upstream_config
+    from cosytrain.modeldir import load_upstream_config
     from tests.conftest import load_manifest, reference_dir
 
     expected = {k: v["shape"] for k, v in load_manifest(manifest)["keys"].items()}

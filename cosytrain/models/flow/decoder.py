@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from cosytrain.models.flow.blocks import (
-    BasicTransformerBlock,
     Block1D,
     CausalBlock1D,
     CausalConv1d,
@@ -26,6 +25,7 @@ from cosytrain.models.flow.blocks import (
     Upsample1D,
     mask_to_bias,
 )
+from cosytrain.models.flow.transformer_blocks import BasicTransformerBlock
 from cosytrain.models.transformer.mask import add_optional_chunk_mask
 
 

@@ -52,7 +52,14 @@ def _batch_tensor(batch: Mapping[str, Any], key: str, device: torch.device) -> t
 
 
 class MaskedDiffWithXvec(nn.Module):
-    """v1 flow. ``encoder``, ``length_regulator`` and ``decoder`` are built modules (as from the yaml)."""
+    """v1 flow. ``encoder``, ``length_regulator`` and ``decoder`` are built modules (as from the yaml).
+
+    ``mel_feat_conf`` is cosytrain's (older upstream versions had it; ace7c47 does not): written
+    upstream configs leave it out (:data:`COSYTRAIN_ONLY_ARGS`), and upstream's v1 inference
+    hard-codes the 22.05 kHz / hop 256 mel rate anyway.
+    """
+
+    COSYTRAIN_ONLY_ARGS = ("mel_feat_conf",)
 
     def __init__(
         self,

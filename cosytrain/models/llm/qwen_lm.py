@@ -19,10 +19,10 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence, unpad_sequence
 
-from .common import IGNORE_ID, th_accuracy
-from .llm import TransformerLM
-from .transformer.label_smoothing_loss import LabelSmoothingLoss
-from .transformer.mask import make_pad_mask
+from cosytrain.models.common import IGNORE_ID, th_accuracy
+from cosytrain.models.llm.transformer_lm import TransformerLM
+from cosytrain.models.transformer.label_smoothing_loss import LabelSmoothingLoss
+from cosytrain.models.transformer.mask import make_pad_mask
 
 logger = logging.getLogger(__name__)
 

@@ -1,12 +1,9 @@
-"""CosyVoice text-to-speech-token language models.
+"""CosyVoice 1's text-to-speech-token language model.
 
 ``TransformerLM`` is CosyVoice 1's LLM: a causal Conformer text encoder plus a causal
 Transformer decoder-only LM over ``[sos, speaker, text, task_id, speech]``. Constructor
 arguments, submodule names (and so state-dict keys), the loss and the sampling loop follow
 upstream ``cosyvoice/llm/llm.py``.
-
-``Qwen2Encoder``, ``Qwen2LM`` (CosyVoice 2) and ``CosyVoice3LM`` are defined in ``qwen_llm`` and
-importable from here too (lazily, so v1 does not import transformers).
 """
 
 from __future__ import annotations
@@ -18,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence, unpad_sequence
 
-from .common import IGNORE_ID, th_accuracy
-from .transformer.label_smoothing_loss import LabelSmoothingLoss
+from cosytrain.models.common import IGNORE_ID, th_accuracy
+from cosytrain.models.transformer.label_smoothing_loss import LabelSmoothingLoss
 
 
 class TransformerLM(nn.Module):
@@ -215,15 +212,3 @@ class TransformerLM(nn.Module):
             out_tokens.append(token)
             offset += lm_input.size(1)
             lm_input = self.speech_embedding.weight[token].reshape(1, 1, -1)
-
-
-_QWEN_CLASSES = ("Qwen2Encoder", "Qwen2LM", "CosyVoice3LM")
-
-
-def __getattr__(name: str):
-    """CosyVoice 2/3 LMs live in ``qwen_llm`` (they need transformers); import them on first use."""
-    if name in _QWEN_CLASSES:
-        from . import qwen_llm
-
-        return getattr(qwen_llm, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -6,22 +6,23 @@ from pathlib import Path
 
 import pytest
 
-from cosytrain.models import registry
-from cosytrain.models.upstream_yaml import (
+from cosytrain.modeldir import builder, registry
+from cosytrain.modeldir import (
     Apply,
     Name,
     New,
     Ref,
+    StateDictMismatchError,
     UpstreamConfigError,
     build_parts,
     check_state_dict,
     dump_upstream_yaml,
-    find_model_dir_config,
+    find_config,
     generation_of,
     load_model_dir_config,
     load_upstream_config,
-    safe_arithmetic,
 )
+from cosytrain.modeldir.yaml_resolver import safe_arithmetic
 from tests.conftest import load_fixture, reference_dir
 
 GENERATIONS = {"v1": "cosyvoice.yaml", "v2": "cosyvoice2.yaml", "v3": "cosyvoice3.yaml"}
@@ -228,7 +229,7 @@ def test_hostile_tree_is_refused_by_the_builder(tmp_path):
     with pytest.raises(UpstreamConfigError, match=r"hift.f0_predictor: !apply:os.system is not run"):
         build_parts(tree, parts=("hift",), device="meta")
     with pytest.raises(UpstreamConfigError, match=r"unknown class 'os.Popen'"):
-        registry.build_from_fixture_config({"class": "cosyvoice.hifigan.generator.HiFTGenerator",
+        builder.build_from_fixture_config({"class": "cosyvoice.hifigan.generator.HiFTGenerator",
                                             "f0_predictor": {"class": "os.Popen", "args": ["touch", str(marker)]}})
     assert not marker.exists()
 
@@ -268,7 +269,7 @@ def test_fixture_config_builds_and_loads_strictly():
     import torch
 
     fx = load_fixture("hift_v1")
-    model = registry.build_from_fixture_config(fx["config"])
+    model = builder.build_from_fixture_config(fx["config"])
     check_state_dict(model, fx["state_dict"], "hift_v1")
     model.load_state_dict(fx["state_dict"], strict=True)
     assert torch.equal(model.state_dict()["conv_pre.bias"], fx["state_dict"]["conv_pre.bias"])
@@ -282,7 +283,7 @@ def test_check_state_dict_names_missing_unexpected_and_mismatched_keys():
     sd = dict(fx["state_dict"])
     sd.pop("conv_post.bias")
     sd["extra.weight"] = torch.zeros(1)
-    with pytest.raises(UpstreamConfigError) as info:
+    with pytest.raises(StateDictMismatchError) as info:
         check_state_dict(model, sd, "hift.pt")
     message = str(info.value)
     assert "\n" not in message and message.startswith("hift.pt: state dict does not fit")
@@ -291,15 +292,15 @@ def test_check_state_dict_names_missing_unexpected_and_mismatched_keys():
     assert "shape-mismatched (conv_pre.bias: model [512] vs checkpoint [32], " in message
     assert "conv_pre.parametrizations.weight.original0: model [512, 1, 1] vs checkpoint [32, 1, 1]" in message
     assert ", ... 217 more)" in message  # first few listed, the rest counted
-    small = registry.build_from_fixture_config(fx["config"], device="meta")
+    small = builder.build_from_fixture_config(fx["config"], device="meta")
     check_state_dict(small, fx["state_dict"])  # matching sizes: no error
 
 
 def test_model_dir_lookup(tmp_path):
     with pytest.raises(UpstreamConfigError, match="no cosyvoice.yaml"):
-        find_model_dir_config(tmp_path)
+        find_config(tmp_path)
     (tmp_path / "cosyvoice2.yaml").write_text(reference_config("v2").read_text())
-    assert find_model_dir_config(tmp_path).name == "cosyvoice2.yaml"
+    assert find_config(tmp_path).name == "cosyvoice2.yaml"
     cfg = load_model_dir_config(tmp_path)
     assert cfg["llm"].kwargs["llm"].kwargs["pretrain_path"] == str(tmp_path / "CosyVoice-BlankEN")
 
@@ -318,7 +319,7 @@ def test_name_tag_gives_a_partial():
     import functools
 
     cfg = load_upstream_config("s: !name:cosyvoice.utils.common.ras_sampling\n  top_p: 0.5\n")
-    built = registry.Builder("t").build(cfg["s"], "s")
+    built = builder.Builder("t").build(cfg["s"], "s")
     assert isinstance(built, functools.partial) and built.keywords == {"top_p": 0.5}
     assert built.func is registry.resolve("cosyvoice.utils.common.ras_sampling", "function")
 

@@ -1,0 +1,120 @@
+"""The real fine-tuning path at the released sizes, judged by upstream (see ``_official``).
+
+Official-size v1, v2 and v3 bases made by upstream's own classes load into cosytrain strictly
+(upstream-written ``.pt`` files, not manifests); the repository's SFT recipes fine-tune the llm
+and flow one step from them with ``init_from``; ``export --base`` writes the model directory; and
+upstream builds it, loads it strictly, runs token2wav offline and streaming, and its ``AutoModel``
+runs ``inference_sft`` (the base speaker and the training speakers) and ``inference_zero_shot``
+to wavs through the ONNX front ends.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.upstream import _official
+from tests.upstream._oracle import Oracle, verdict_ok
+from tests.upstream.conftest import TOKENS
+from tests.upstream.test_exports import MODEL_TYPES, expected_samples
+
+# the session fixtures train, export and run upstream before the first test: more than the suite's 900 s
+# default on a busy 2-core machine
+# Opt-in (COSYTRAIN_UPSTREAM_OFFICIAL=1) until its cost on an idle 2-core CI machine is measured: on the
+# shared development machine (load average ~8) one pass did not finish within 15 minutes (v1 passed
+# fine-tuning and export; the v2 fine-tune step was still running).
+pytestmark = [pytest.mark.timeout(3600),
+              pytest.mark.skipif(os.environ.get("COSYTRAIN_UPSTREAM_OFFICIAL") != "1",
+                                 reason="official-size oracle path is opt-in: COSYTRAIN_UPSTREAM_OFFICIAL=1")]
+
+
+GENS = ["v1", "v2", "v3"]
+AUTO_CLASSES = {"v1": "CosyVoice", "v2": "CosyVoice2", "v3": "CosyVoice3"}
+
+
+@pytest.fixture(scope="module")
+def official(oracle: Oracle, tmp_path_factory: pytest.TempPathFactory, demo_corpus: Any, data_25hz: Path,
+             prompt_wav: Path) -> dict[str, Any]:
+    from cosytrain.data.demo_corpus import demo_shard_dir
+    from cosytrain.export import export_model
+
+    bases, report = _official.bases(oracle)
+    work = tmp_path_factory.mktemp("official")
+    shards = {"v1": demo_shard_dir(demo_corpus[0], 50), "v2": data_25hz.parent, "v3": data_25hz.parent}
+    exports, checkpoints = {}, {}
+    threads, cwd = torch.get_num_threads(), Path.cwd()
+    torch.set_num_threads(2)  # official sizes: both cores
+    try:
+        for gen in GENS:
+            checkpoints[gen] = _official.fine_tune(gen, bases[gen], shards[gen], work / gen)
+            os.chdir(work / gen)  # as a user exports: from the training's working directory (its data paths)
+            # check=False: cosytrain's own synthesis check at 0.5B costs minutes on 2 CPU cores, and upstream's
+            # verdict below is the stronger one (the small exports of test_exports.py run the check)
+            exports[gen] = export_model(checkpoints[gen], work / f"{gen}_export", base=bases[gen], check=False).output
+            gc.collect()
+    finally:
+        os.chdir(cwd)
+        torch.set_num_threads(threads)
+    verdicts = oracle.run("check_model_dirs", {
+        "dirs": [{"name": gen, "path": str(exports[gen]), "tokens": TOKENS[gen], "auto": True} for gen in GENS],
+        "prompt_wav": str(prompt_wav), "out_dir": str(work / "wavs")}, timeout=1800)
+    return {"bases": bases, "exports": exports, "checkpoints": checkpoints, "verdicts": verdicts,
+            "build": report, "shards": shards}
+
+
+@pytest.mark.parametrize("gen", GENS)
+def test_upstream_written_weights_load_into_cosytrain(gen: str, official: dict[str, Any]) -> None:
+    from cosytrain.modeldir import load_model_dir
+
+    base = official["bases"][gen]
+    directory, parts = load_model_dir(base)
+    assert directory.generation == gen
+    for part, module in parts.items():
+        written = torch.load(base / f"{part}.pt", weights_only=True, mmap=True)
+        ours = module.state_dict()
+        assert set(ours) == set(written), part
+        assert all(torch.equal(ours[k], written[k]) for k in written), part
+    del parts
+    gc.collect()
+
+
+@pytest.mark.parametrize("gen", GENS)
+def test_fine_tuned_export_loads_and_speaks_in_upstream(gen: str, official: dict[str, Any]) -> None:
+    verdict = official["verdicts"][gen]
+    verdict_ok(verdict)
+    assert verdict["model_type"] == MODEL_TYPES[gen]
+    audio = verdict["token2wav"]
+    assert audio["offline"]["samples"] == expected_samples(gen, TOKENS[gen]) and audio["offline"]["finite"]
+    assert audio["stream"]["chunks"] >= 2 and audio["stream"]["finite"]
+    assert verdict["auto_error"] is None, f"upstream's AutoModel fails on {verdict['path']}: {verdict['auto_error']}"
+    section = json.loads((official["exports"][gen] / "cosytrain.json").read_text())["upstream_front_end"]
+    assert section == {**section, "auto_model": True, "missing": []}
+    auto = verdict["auto"]
+    assert auto["class"] == AUTO_CLASSES[gen] and auto["sample_rate"] == (22050 if gen == "v1" else 24000)
+    for mode in ("sft", "zero_shot"):
+        assert auto[mode]["samples"] > 0 and auto[mode]["finite"], (mode, auto[mode])
+        assert Path(auto[mode]["wav"]).stat().st_size > 44, mode
+    # the speakers: the base's one plus the demo corpus's, merged into spk2info.pt
+    trained = torch.load(official["shards"][gen] / "spk2embedding.pt", weights_only=True)
+    assert sorted(auto["speakers"]) == sorted(["base_speaker", *trained])
+
+
+@pytest.mark.parametrize("gen", GENS)
+def test_fine_tuned_export_changes_llm_and_flow_and_keeps_the_base_hift(gen: str, official: dict[str, Any]) -> None:
+    base, out = official["bases"][gen], official["exports"][gen]
+    assert (out / "hift.pt").read_bytes() == (base / "hift.pt").read_bytes()
+    for part in ("llm", "flow"):
+        before = torch.load(base / f"{part}.pt", weights_only=True, mmap=True)
+        after = torch.load(out / f"{part}.pt", weights_only=True, mmap=True)
+        assert set(before) == set(after), part
+        changed = [k for k in after if not torch.equal(before[k], after[k])]
+        assert changed, f"{part}: the fine-tuned weights equal the base's"
+    meta = json.loads((out / "cosytrain.json").read_text())
+    assert meta["base"] == str(base.resolve()) and meta["parts"]["hift"]["source"] == "base"
+    assert {meta["parts"][p]["source"] for p in ("llm", "flow")} == {"checkpoint"}
