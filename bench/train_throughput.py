@@ -14,6 +14,11 @@ the matmul/conv FLOPs of every timed step are counted with ``torch.utils.flop_co
 
     python bench/train_throughput.py [--stages llm,flow] [--steps 20] [--warmup 3] [--device auto]
                                      [--data_list PATH] [--max_frames 2000] [--threads N]
+                                     [--configs llm=conf/model/llm_v2.yaml] [--qwen_path bench/qwen2_0.5b]
+
+``--configs llm=conf/model/llm_v2.yaml`` measures the official-size CosyVoice 2 LLM (Qwen2.5-0.5B
+backbone, randomly initialised from ``bench/qwen2_0.5b/config.json``: speed does not depend on the
+weights) on the same demo batches (50 Hz byte-text batches: token ids fit its vocabularies).
 """
 
 from __future__ import annotations
@@ -56,15 +61,24 @@ def peak_tflops(device_name: str) -> tuple[str, float] | None:
     return None
 
 
-def build_part(stage: str) -> Any:
-    """The part from conf/model/<stage>_v1_small.yaml, built the way LightningCLI builds it."""
+def build_part(stage: str, config: str | None = None, qwen_path: str | None = None) -> Any:
+    """The part from ``config`` (default conf/model/<stage>_v1_small.yaml), built the way LightningCLI builds it.
+
+    ``qwen_path`` replaces a Qwen2 backbone's ``pretrain_path`` (a folder with only ``config.json``
+    builds a randomly initialised Qwen2 of that size: ``bench/qwen2_0.5b`` is Qwen2.5-0.5B's, the
+    official CosyVoice 2/3 LLM size).
+    """
     import torch
     import yaml
     from jsonargparse import ArgumentParser
 
     parser = ArgumentParser(parser_mode="omegaconf")
     parser.add_argument("--part", type=torch.nn.Module)
-    conf = yaml.safe_load((REPO / "conf" / "model" / f"{stage}_v1_small.yaml").read_text())
+    path = Path(config) if config else REPO / "conf" / "model" / f"{stage}_v1_small.yaml"
+    conf = yaml.safe_load((path if path.is_absolute() else REPO / path).read_text())
+    backbone = conf.get("init_args", {}).get("llm", {})
+    if qwen_path and isinstance(backbone, dict) and "pretrain_path" in backbone.get("init_args", {}):
+        backbone["init_args"]["pretrain_path"] = str(qwen_path)
     return parser.instantiate(parser.parse_object({"part": conf})).part
 
 
@@ -86,7 +100,7 @@ def load_batches(data_list: str, n: int, max_frames: int) -> list[dict]:
 
 
 def _measure(stage: str, precision: str, device: str, steps: int, warmup: int, data_list: str,
-             max_frames: int) -> dict[str, Any]:
+             max_frames: int, config: str | None = None, qwen_path: str | None = None) -> dict[str, Any]:
     """Runs in the child process."""
     import lightning.pytorch as pl
     import torch
@@ -96,7 +110,7 @@ def _measure(stage: str, precision: str, device: str, steps: int, warmup: int, d
 
     batches = load_batches(data_list, warmup + steps, max_frames)
     torch.manual_seed(0)
-    part = build_part(stage)
+    part = build_part(stage, config, qwen_path)
     train_conf = {"optim": "adam", "optim_conf": {"lr": 1e-3}, "scheduler": "constantlr", "grad_clip": 5}
     task = LLMTask(llm=part, train_conf=train_conf) if stage == "llm" else FlowTask(flow=part, train_conf=train_conf)
     cuda = device == "cuda"
@@ -187,8 +201,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data_list", help="data.list of v1 (50 Hz) shards; default: the demo corpus (built if absent)")
     ap.add_argument("--max_frames", type=int, default=2000, help="padded mel frames per dynamic batch")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--configs", default="", help="stage=model yaml, comma list (default conf/model/<stage>_v1_small.yaml),"
+                    " e.g. llm=conf/model/llm_v2.yaml for the official CosyVoice 2 LLM")
+    ap.add_argument("--qwen_path", default=str(REPO / "bench" / "qwen2_0.5b"),
+                    help="Qwen2 folder replacing a config's pretrain_path (default: Qwen2.5-0.5B's config, random init)")
     ap.add_argument("--child", nargs=2, metavar=("STAGE", "PRECISION"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    configs = dict(item.split("=", 1) for item in args.configs.split(",") if item.strip())
 
     import torch
 
@@ -198,7 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     data_list = _demo_list(args.data_list)
     if args.child:
         stage, precision = args.child
-        result = _measure(stage, precision, device, args.steps, args.warmup, data_list, args.max_frames)
+        result = _measure(stage, precision, device, args.steps, args.warmup, data_list, args.max_frames,
+                          configs.get(stage), args.qwen_path)
+        result["config"] = configs.get(stage, f"conf/model/{stage}_v1_small.yaml")
         print(json.dumps(result))
         return 0
 
@@ -209,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         for precision in precisions:
             cmd = [sys.executable, __file__, "--child", stage, precision, "--steps", str(args.steps), "--warmup",
                    str(args.warmup), "--device", device, "--data_list", data_list, "--max_frames",
-                   str(args.max_frames), "--threads", str(args.threads)]
+                   str(args.max_frames), "--threads", str(args.threads), "--configs", args.configs,
+                   "--qwen_path", args.qwen_path]
             done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
                                   env={**os.environ, "PYTHONPATH": str(REPO)})
             if done.returncode != 0:
@@ -235,11 +257,13 @@ def main(argv: list[str] | None = None) -> int:
         tflops = r["flops"] / r["seconds"] / 1e12
         line = (f"{r['stage']:<5} {r['precision']:<10} {r['params_m']:>8.2f} {r['seconds'] / r['steps']:>7.3f} "
                 f"{speed:>7.1f} {r['frames'] / r['seconds']:>9.0f} {speed / (ref['utts'] / ref['seconds']):>6.2f} "
-                f"{r['peak_mb']:>8.0f} {r['train_mb']:>8.0f} {r['train_mb'] / max(ref['train_mb'], 1e-9):>6.2f}"
+                f"{r['peak_mb']:>8.0f} {r['train_mb']:>8.0f} {r['train_mb'] / max(ref['train_mb'], 1.0):>6.2f}"
                 f" {tflops:>8.3f}")
         if device == "cuda":
             line += f" {100 * tflops / peak[1]:>6.2f}" if peak and r["stage"] == "llm" else f" {'-':>6}"
         print(line + f" {r['skipped']:>7}")
+    for stage in dict.fromkeys(r["stage"] for r in rows):
+        print(f"{stage}: {next(r['config'] for r in rows if r['stage'] == stage)}")
     print("x fp32 / mem x: against the same stage's first row (32-true); frames = mel frames (speech_feat_len);"
           " peak MB = " + ("torch.cuda.max_memory_allocated over the timed steps" if device == "cuda" else
                            "peak RSS of the process, train MB = what fit added to it (mem x is on train MB)")

@@ -22,6 +22,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "check-fp16": ("cosytrain.evaluation.fp16_cli:main",
                    "compare a model directory under FP16 autocast with FP32 (fp16_check.json, model card)"),
     "synthesize": ("cosytrain.inference.synthesize:main", "synthesise text with a model directory to a wav file"),
+    "dpo-pairs": ("cosytrain.preference.pairs:main",
+                  "sample, score and pair a model's speech tokens for a prepared corpus (DPO shards)"),
 }
 
 

@@ -2,14 +2,20 @@
 
 The reference folder (``../shared/reference`` beside the clone, or ``$COSYTRAIN_REFERENCE``) holds
 state-dict manifests and numeric fixtures made with upstream CosyVoice's own classes.
+
+Missing references or dependencies: under CI (``CI=true``, which ``.ci/run`` exports) a test that
+needs one FAILS, so a broken CI environment cannot pass by skipping; locally it skips with the reason
+(``skip_or_fail``, ``require_module``).
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import Any, NoReturn
 
 import pytest
 
@@ -21,21 +27,44 @@ def reference_dir() -> Path:
     return Path(env) if env else REPO_ROOT.parent / "shared" / "reference"
 
 
+def in_ci() -> bool:
+    """True when ``CI`` says so (``true``/``1``/``yes``): missing things fail instead of skipping."""
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def skip_or_fail(reason: str) -> NoReturn:
+    """Skip locally; fail under CI, where a missing reference or dependency is a broken environment."""
+    if in_ci():
+        pytest.fail(f"{reason} [CI=true: a missing reference or dependency is a failure, not a skip]", pytrace=False)
+    pytest.skip(reason, allow_module_level=True)
+
+
+def require_module(name: str, install: str = "pip install -c constraints.txt -e '.[test]'") -> ModuleType:
+    """``importlib.import_module(name)``, or skip (locally) / fail (CI) naming how to install it."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as err:
+        skip_or_fail(f"{name} is not importable ({err}); {install}")
+
+
+def require_reference(path: Path) -> Path:
+    """``path`` inside the reference folder, or skip (locally) / fail (CI)."""
+    if not path.exists():
+        skip_or_fail(f"reference {path} not found (set COSYTRAIN_REFERENCE or put ../shared/reference beside the clone)")
+    return path
+
+
 def load_fixture(name: str) -> dict[str, Any]:
-    """Load ``fixtures/<name>.pt`` (weights_only) or skip when the reference folder is absent."""
+    """Load ``fixtures/<name>.pt`` (weights_only); skip (locally) / fail (CI) when the reference folder is absent."""
     import torch
 
-    path = reference_dir() / "fixtures" / f"{name}.pt"
-    if not path.exists():
-        pytest.skip(f"reference fixture {path} not found (set COSYTRAIN_REFERENCE)")
+    path = require_reference(reference_dir() / "fixtures" / f"{name}.pt")
     return torch.load(path, weights_only=True)
 
 
 def load_manifest(name: str) -> dict[str, Any]:
-    """Load ``manifests/<name>.json`` or skip when the reference folder is absent."""
-    path = reference_dir() / "manifests" / f"{name}.json"
-    if not path.exists():
-        pytest.skip(f"reference manifest {path} not found (set COSYTRAIN_REFERENCE)")
+    """Load ``manifests/<name>.json``; skip (locally) / fail (CI) when the reference folder is absent."""
+    path = require_reference(reference_dir() / "manifests" / f"{name}.json")
     return json.loads(path.read_text())
 
 
@@ -75,7 +104,7 @@ def demo_corpus(tmp_path_factory):
     """
     import time
 
-    pytest.importorskip("espeakng_loader")
+    require_module("espeakng_loader")  # a hard dependency (setup.cfg): fails under CI when missing
     from cosytrain.data import demo_corpus
 
     root = tmp_path_factory.mktemp("demo_corpus")

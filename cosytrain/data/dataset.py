@@ -101,10 +101,11 @@ class StreamOptions:
 def read_data_list(path: str | os.PathLike) -> list[str]:
     """Shard paths of a ``data.list``; a missing or empty list is a one-line ``DataError``."""
     from cosytrain.data.shards import read_data_list as _read
+    from cosytrain.utils.text_files import TextFileError
 
     try:
         shards = _read(path)
-    except FileNotFoundError as ex:
+    except (FileNotFoundError, TextFileError) as ex:  # TextFileError: a line that is not UTF-8, named
         raise DataError(str(ex)) from None
     if not shards:
         raise DataError(f"data list {path} names no shards; run `python -m cosytrain prepare` to fill it")

@@ -7,9 +7,12 @@ librosa is not needed.
 
 ``compute_f0`` mirrors upstream ``cosyvoice/dataset/processor.py::compute_f0``: pyworld harvest (dio
 if harvest finds fewer than 5 voiced frames) + stonemask at one frame per hop, linearly resampled to
-the number of mel frames. pyworld ships only as an sdist (needs a C++ build), so when it is not
-importable a documented stand-in is used: a YIN estimator (``yin_f0``) on the same time axis, giving
-Hz per frame and 0 for unvoiced frames. Its values are close to, not equal to, pyworld's.
+the number of mel frames. The ``vocoder`` extra installs ``pyworld-prebuilt`` (wheels of the same
+``pyworld`` module; the original ``pyworld`` is an sdist that needs a C++ build and, up to 0.3.5,
+``pkg_resources`` at import); both give bit-identical F0 (pyworld 0.3.4, upstream's pin, too). When
+pyworld is not importable a documented stand-in is used: a YIN estimator (``yin_f0``) on the same
+time axis, giving Hz per frame and 0 for unvoiced frames. Its values are close to, not equal to,
+pyworld's, so ``HiFTTask`` logs the backend and refuses it for pretrained weights unless told.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["mel_spectrogram", "slaney_mel_filterbank", "compute_f0", "yin_f0", "f0_backend"]
+__all__ = ["mel_spectrogram", "slaney_mel_filterbank", "compute_f0", "yin_f0", "f0_backend", "f0_backend_problem"]
 
 # ----------------------------------------------------------------------------------------- mel
 
@@ -53,14 +56,16 @@ def _mel_basis(sampling_rate: int, n_fft: int, num_mels: int, fmin: float, fmax:
                device: torch.device) -> torch.Tensor:
     key = (int(sampling_rate), int(n_fft), int(num_mels), float(fmin), None if fmax is None else float(fmax), str(device))
     if key not in _MEL_BASIS:
-        _MEL_BASIS[key] = slaney_mel_filterbank(sampling_rate, n_fft, num_mels, fmin, fmax).to(device)
+        with torch.inference_mode(False):  # cached: an inference tensor would break a later backward
+            _MEL_BASIS[key] = slaney_mel_filterbank(sampling_rate, n_fft, num_mels, fmin, fmax).to(device)
     return _MEL_BASIS[key]
 
 
 def _hann(win_size: int, device: torch.device) -> torch.Tensor:
     key = (int(win_size), str(device))
     if key not in _HANN_WINDOW:
-        _HANN_WINDOW[key] = torch.hann_window(win_size).to(device)
+        with torch.inference_mode(False):  # first use may be in Lightning's validation (inference mode)
+            _HANN_WINDOW[key] = torch.hann_window(win_size).to(device)
     return _HANN_WINDOW[key]
 
 
@@ -93,13 +98,20 @@ F0_FLOOR = 71.0  # pyworld harvest/dio default search range
 F0_CEIL = 800.0
 
 
-def f0_backend() -> str:
-    """'pyworld' when it can be imported (exact upstream), else 'yin' (the stand-in)."""
+def f0_backend_problem() -> str | None:
+    """Why pyworld cannot be used (one line), or None when it imports."""
     try:
         import pyworld  # noqa: F401
-    except ImportError:
-        return "yin"
-    return "pyworld"
+    except ImportError as err:  # not installed, or installed but broken (pyworld <= 0.3.5 needs pkg_resources)
+        if getattr(err, "name", None) == "pyworld" or "pyworld" in str(err) and "No module named" in str(err):
+            return "pyworld is not installed"
+        return f"pyworld is installed but does not import ({type(err).__name__}: {err})"
+    return None
+
+
+def f0_backend() -> str:
+    """'pyworld' when it can be imported (exact upstream), else 'yin' (the stand-in)."""
+    return "pyworld" if f0_backend_problem() is None else "yin"
 
 
 def yin_f0(wav: np.ndarray, sample_rate: int, hop_size: int, f0_floor: float = F0_FLOOR,

@@ -45,16 +45,18 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
+from cosytrain.errors import ConfigurationError
+
 log = logging.getLogger(__name__)
 
 Sample = dict[str, Any]
 Stage = Callable[..., Iterator[Any]]
 
 
-class DataError(ValueError):
+class DataError(ConfigurationError):
     """A data list, shard set or data option that cannot be used; the message names the path and fix.
 
-    A ValueError so that configuration front ends that turn ValueErrors into one line do so here too.
+    A ``ConfigurationError``: the command-line front ends print it as one line (exit code 2).
     """
 
 
@@ -285,12 +287,16 @@ def parquet_opener(paths: Iterable[str], skipped: Optional[Counter] = None) -> I
 
 
 def tokenize(data: Iterable[Sample], tokenizer: Any) -> Iterator[Sample]:
-    """``text`` -> ``text_token`` (and ``instruct`` -> ``instruct_token``, as upstream for v3)."""
+    """``text`` -> ``text_token`` (and ``instruct`` -> ``instruct_token``, as upstream for v3).
+
+    As upstream, a row with an ``instruct`` value gets ``instruct_token`` even when it is empty
+    (then no tokens); ``collate`` pads rows without one to length 0.
+    """
     for sample in data:
         text = sample.get("text")
         sample["text_token"] = tokenizer.encode(text) if isinstance(text, str) else []
-        if isinstance(sample.get("instruct"), str) and sample["instruct"]:
-            sample["instruct_token"] = tokenizer.encode(sample["instruct"])
+        if isinstance(sample.get("instruct"), str):
+            sample["instruct_token"] = tokenizer.encode(sample["instruct"]) if sample["instruct"] else []
         yield sample
 
 
@@ -308,13 +314,31 @@ def decode_audio(data: Iterable[Sample], skipped: Optional[Counter] = None) -> I
 
 def filter(data: Iterable[Sample], fcfg: FilterConfig = FilterConfig(), feat: FeatureConfig = FeatureConfig(),
            skipped: Optional[Counter] = None) -> Iterator[Sample]:  # noqa: A001 - upstream's name
-    """Drop rows failing upstream's length filters or the input checks (see ``check_facts``)."""
+    """Drop rows failing upstream's length filters or the input checks (see ``check_facts``), and
+    preference rows whose rejected tokens are empty (upstream) or out of range."""
     for sample in data:
         reason = check_facts(row_facts(sample), len(sample.get("text_token") or []), fcfg, feat)
+        if reason is None and REJECT_COLUMN in sample:
+            reason = _check_reject(sample[REJECT_COLUMN], fcfg)
         if reason is not None:
             _count(skipped, reason, sample)
             continue
         yield sample
+
+
+REJECT_COLUMN = "reject_speech_token"  # DPO shards: upstream's column of the rejected speech tokens
+
+
+def _check_reject(tokens: Any, fcfg: FilterConfig) -> Optional[str]:
+    try:
+        arr = np.asarray(tokens if tokens is not None else [], dtype=np.int64).reshape(-1)
+    except (TypeError, ValueError, OverflowError):
+        return "bad_reject_speech_token"
+    if arr.size == 0:
+        return "empty_reject_speech_token"
+    if arr.min() < 0 or (fcfg.speech_token_size is not None and arr.max() >= fcfg.speech_token_size):
+        return "reject_speech_token_out_of_range"
+    return None
 
 
 def resample(data: Iterable[Sample], resample_rate: int = 22050, min_sample_rate: int = 16000,
@@ -494,8 +518,14 @@ def collate(samples: Sequence[Sample], use_spk_embedding: bool = False, gan: boo
     out["speech_feat"], out["speech_feat_len"] = _pad_1d([x["speech_feat"] for x in s], torch.float32)
     out["utt_embedding"] = torch.stack([x["utt_embedding"] for x in s]).float()
     out["spk_embedding"] = torch.stack([x["spk_embedding"] for x in s]).float()
-    if all("instruct_token" in x for x in s):
-        out["instruct_token"], out["instruct_token_len"] = _pad_1d([tok(x["instruct_token"]) for x in s], torch.int64)
+    if any("instruct_token" in x for x in s):
+        # upstream emits instruct keys only when EVERY row has them, so one plain row dropped the
+        # instructions of the whole batch; rows without one get length 0 instead, which upstream's
+        # CosyVoice3LM (and ours) reads as "no instruction" for that row alone
+        out["instruct_token"], out["instruct_token_len"] = _pad_1d([tok(x.get("instruct_token", [])) for x in s],
+                                                                   torch.int64)
+    if all(REJECT_COLUMN in x for x in s):  # upstream padding(dpo=True)
+        out[REJECT_COLUMN], out[REJECT_COLUMN + "_len"] = _pad_1d([tok(x[REJECT_COLUMN]) for x in s], torch.int64)
     if gan:
         out["speech"], out["speech_len"] = _pad_1d([x["speech"].reshape(-1) for x in s], torch.float32)
         out["pitch_feat"], out["pitch_feat_len"] = _pad_1d([x["pitch_feat"] for x in s], torch.float32)

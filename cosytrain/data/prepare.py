@@ -14,10 +14,15 @@ command. Stages, each parallel over ``--num_workers`` processes:
 A shard whose manifest entry matches its inputs and front-ends (by fingerprint) and whose file still
 opens is not redone; its utterance embeddings are read back from the shard for the speaker means.
 
+Bad rows never stop the job: rows the corpus reader cannot use (``sources.py``: undecodable lines,
+missing ids, conflicting duplicates) and rows whose audio fails ``audio_checks.check_audio`` are
+skipped and listed in ``skipped.tsv`` with a reason naming the file and line; usable rows worth a
+look (clipping, several channels, a wrong file extension) are kept and listed in ``flagged.tsv``.
+
 Why one module over 450 lines: it is one resumable command whose stages share the worker set-up,
 the fingerprints and the manifest; the readers of source folders (``sources.py``), the shards
 (``shards.py``) and the front ends (``speech_tokenizer.py``, ``speaker_embedding.py``) are already
-modules of their own.
+modules of their own (so are the row-level audio checks, ``audio_checks.py``).
 """
 
 from __future__ import annotations
@@ -38,10 +43,13 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from cosytrain.data import shards as S
-from cosytrain.data.sources import SourceError, Utterance, read_source
+from cosytrain.data.audio_checks import check_audio
+from cosytrain.data.sources import SourceError, Utterance, read_corpus
 
 MANIFEST = "prepare_manifest.json"
 SKIPPED = "skipped.tsv"
+FLAGGED = "flagged.tsv"
+CHECKS_VERSION = 2  # bump when row validation changes, so finished shards are validated again
 BUILTIN_TOKENIZER_FILE = "speech_tokenizer_builtin.npz"
 BUILTIN_EMBEDDING_FILE = "campplus_builtin.npz"
 GENERATION_TOKEN_RATE = {"v1": 50, "v2": 25, "v3": 25}
@@ -61,6 +69,8 @@ class PrepareConfig:
     codebook_size: int = 256
     min_duration: float = 0.3
     max_duration: float = 60.0
+    min_sample_rate: int = 16000
+    encoding: str = "utf-8"  # of the corpus' text files (UTF-16 with a BOM is detected)
     onnx_batch_size: int = 8
     speech_tokenizer_device: str | None = None  # e.g. 'cuda': s3tokenizer's PyTorch model instead of onnxruntime
     seed: int = 0
@@ -77,44 +87,38 @@ class PrepareResult:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     reused_shards: int = 0
     seconds: float = 0.0
+    flagged: list[tuple[str, str]] = field(default_factory=list)
 
     def summary(self) -> str:
+        flagged = f"{len(self.flagged)} flagged, see {self.des_dir / FLAGGED}; " if self.flagged else ""
         return (f"prepare: {self.num_rows} utterances in {len(self.shards)} shards -> {self.data_list} "
-                f"({len(self.skipped)} skipped, see {self.des_dir / SKIPPED}; "
+                f"({len(self.skipped)} skipped, see {self.des_dir / SKIPPED}; {flagged}"
                 f"{self.reused_shards} shards reused) in {self.seconds:.1f}s")
 
 
 # ------------------------------------------------------------------------------------ row checks
 
 
-def load_checked(u: Utterance, min_duration: float, max_duration: float) -> tuple[np.ndarray, int, float] | str:
-    """Mono float32 audio, sample rate and duration, or a one-line reason the row is unusable."""
-    import soundfile as sf
-
+def load_checked(u: Utterance, min_duration: float, max_duration: float,
+                 min_sample_rate: int = 16000) -> tuple[np.ndarray, int, float, list[str]] | str:
+    """Mono float32 audio, sample rate, duration and notes (flagged, kept), or a one-line skip reason."""
     if not u.text.strip():
         return "empty text"
-    if u.wav.rstrip().endswith("|"):
-        return "piped wav.scp entries are not supported; write the audio to files first"
-    if not Path(u.wav).is_file():
-        return f"audio file not found: {u.wav}"
     try:
-        audio, sr = sf.read(u.wav, dtype="float32", always_2d=True)
-    except Exception as ex:  # noqa: BLE001 - any decoder failure means the row is unusable
-        msg = str(ex).strip().splitlines()
-        return f"undecodable audio ({type(ex).__name__}: {msg[0] if msg else ''})"
-    if not sr or sr <= 0:
-        return "unknown sample rate"
-    if audio.size == 0:
-        return "empty audio"
-    audio = audio.mean(axis=1)
-    if not np.isfinite(audio).all():
-        return "audio has NaN or Inf samples"
-    dur = len(audio) / sr
+        data = Path(u.wav).read_bytes()
+    except FileNotFoundError:
+        return f"audio file not found: {u.wav}"
+    except OSError as ex:
+        return f"audio file unreadable: {u.wav} ({type(ex).__name__}: {ex.strerror or ex})"
+    checked = check_audio(data, u.wav, min_sample_rate)
+    if isinstance(checked, str):
+        return checked
+    dur = checked.duration
     if dur < min_duration:
         return f"too short ({dur:.2f}s < --min_duration {min_duration}s)"
     if dur > max_duration:
         return f"too long ({dur:.2f}s > --max_duration {max_duration}s)"
-    return audio, int(sr), dur
+    return checked.audio, checked.sample_rate, dur, checked.notes
 
 
 # ---------------------------------------------------------------------------- worker processes
@@ -165,7 +169,7 @@ def _scan_for_fit(args: tuple[list[Utterance], dict, int, bool, bool]) -> tuple[
     utts, cfg, per_utt, want_frames, want_stats = args
     frames, stats, done = [], [], []
     for u in utts:
-        loaded = load_checked(u, cfg["min_duration"], cfg["max_duration"])
+        loaded = load_checked(u, cfg["min_duration"], cfg["max_duration"], cfg["min_sample_rate"])
         done.append(u.utt)
         if isinstance(loaded, str):
             continue
@@ -189,26 +193,26 @@ def _analyse_shard(args: tuple[int, list[Utterance], dict, tuple]) -> tuple[int,
     tok, emb = _frontends(*specs)
     ok: list[dict] = []
     skipped: list[tuple[str, str]] = []
-    batch: list[tuple[Utterance, np.ndarray, int, float]] = []
+    batch: list[tuple[Utterance, np.ndarray, int, float, list[str]]] = []
 
     def flush() -> None:
         if not batch:
             return
-        a16 = [to_16k(a, sr) for _, a, sr, _ in batch]
+        a16 = [to_16k(a, sr) for _, a, sr, _, _ in batch]
         tokens = tok.tokenize_batch(a16)
         embs = emb.embed_batch(a16)
-        for (u, a, sr, dur), t, e in zip(batch, tokens, embs):
+        for (u, a, sr, dur, notes), t, e in zip(batch, tokens, embs):
             if len(t) == 0:
                 skipped.append((u.utt, "speech tokenizer returned no tokens"))
             elif not np.isfinite(np.asarray(e, dtype=np.float64)).all():
                 skipped.append((u.utt, "speaker embedding has NaN or Inf"))
             else:
                 ok.append({"utt": u.utt, "speech_token": [int(x) for x in t], "utt_embedding": list(e),
-                           "sample_rate": sr, "duration_s": dur, "num_samples": len(a)})
+                           "sample_rate": sr, "duration_s": dur, "num_samples": len(a), "notes": notes})
         batch.clear()
 
     for u in utts:
-        loaded = load_checked(u, cfg["min_duration"], cfg["max_duration"])
+        loaded = load_checked(u, cfg["min_duration"], cfg["max_duration"], cfg["min_sample_rate"])
         if isinstance(loaded, str):
             skipped.append((u.utt, loaded))
             continue
@@ -300,7 +304,8 @@ def _frontend_id(spec: str) -> str:
 
 def _shard_fingerprint(utts: list[Utterance], frontends: str, cfg: PrepareConfig) -> str:
     h = hashlib.sha1()
-    h.update(json.dumps([frontends, cfg.min_duration, cfg.max_duration], sort_keys=True).encode())
+    h.update(json.dumps([frontends, cfg.min_duration, cfg.max_duration, cfg.min_sample_rate, CHECKS_VERSION],
+                        sort_keys=True).encode())
     for u in utts:
         h.update(json.dumps([u.utt, u.wav, u.text, u.spk, u.instruct]).encode())
     return h.hexdigest()
@@ -396,9 +401,12 @@ def _prepare(cfg: PrepareConfig, runner: _Runner) -> PrepareResult:
     import torch
 
     t0 = time.time()
-    utts = read_source(cfg.src_dir, cfg.fmt, cfg.speaker)
+    corpus = read_corpus(cfg.src_dir, cfg.fmt, cfg.speaker, cfg.encoding)
+    utts = corpus.utts
     if not utts:
-        raise SourceError(f"no utterances listed in {cfg.src_dir}")
+        first = f"; the first of {len(corpus.skipped)} skipped rows: {corpus.skipped[0][0]}: {corpus.skipped[0][1]}" \
+            if corpus.skipped else ""
+        raise SourceError(f"no usable utterances listed in {cfg.src_dir}{first}")
     des = Path(cfg.des_dir).resolve()
     des.mkdir(parents=True, exist_ok=True)
 
@@ -468,8 +476,10 @@ def _prepare(cfg: PrepareConfig, runner: _Runner) -> PrepareResult:
                          "spk_embedding": spk2embedding[u.spk]})
         tasks2.append((i, shard_paths[i], rows))
     for i, index, write_skips in runner.map(_write_one_shard, tasks2, "write shards", lambda t: len(t[2])):
+        written_now = {rec["utt"] for rec in index}
         entries[i] = {"fingerprint": fingerprints[i], "rows": len(index),
-                      "skipped": [list(s) for s in analysed[i][1] + write_skips], "index": index}
+                      "skipped": [list(s) for s in analysed[i][1] + write_skips], "index": index,
+                      "flagged": [[r["utt"], n] for r in analysed[i][0] if r["utt"] in written_now for n in r["notes"]]}
         S.atomic_write_text(_entry_path(des, shard_paths[i]), json.dumps(entries[i], ensure_ascii=False))
         completed[Path(shard_paths[i]).name] = fingerprints[i]
         _write_manifest(des, completed)
@@ -478,8 +488,10 @@ def _prepare(cfg: PrepareConfig, runner: _Runner) -> PrepareResult:
     ordered = [entries[i] for i in range(len(shard_paths))]
     S.write_lists(des, shard_paths, list(range(len(shard_paths))))
     S.write_index(des / S.INDEX_NAME, [rec for e in ordered for rec in e["index"]])
-    skipped = dup_skips + [tuple(s) for e in ordered for s in e["skipped"]]
-    S.atomic_write_text(des / SKIPPED, "utt\treason\n" + "".join(f"{u}\t{r}\n" for u, r in skipped))
+    skipped = corpus.skipped + dup_skips + [tuple(s) for e in ordered for s in e["skipped"]]
+    flagged = [tuple(f) for e in ordered for f in e.get("flagged", [])]
+    S.atomic_write_text(des / SKIPPED, "utt\treason\n" + "".join(f"{_tsv(u)}\t{_tsv(r)}\n" for u, r in skipped))
+    S.atomic_write_text(des / FLAGGED, "utt\tnote\n" + "".join(f"{_tsv(u)}\t{_tsv(n)}\n" for u, n in flagged))
     written = {rec["utt"] for e in ordered for rec in e["index"]}
     for name, obj in (("spk2embedding.pt", spk2embedding),
                       ("utt2embedding.pt", {u: e for u, e in utt2emb.items() if u in written}),
@@ -491,7 +503,12 @@ def _prepare(cfg: PrepareConfig, runner: _Runner) -> PrepareResult:
         S.atomic_write_bytes(des / name, buf.getvalue())
     return PrepareResult(des_dir=des, data_list=des / S.DATA_LIST, shards=shard_paths,
                          num_rows=sum(e["rows"] for e in ordered), skipped=list(skipped),
-                         reused_shards=len(done), seconds=time.time() - t0)
+                         reused_shards=len(done), seconds=time.time() - t0, flagged=flagged)
+
+
+def _tsv(value: str) -> str:
+    """One TSV field: tabs and line breaks of ids/reasons (from hand-made files) would break the table."""
+    return " ".join(str(value).split())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -518,6 +535,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--codebook_size", type=int, default=256, help="built-in tokenizer codebook size")
     p.add_argument("--min_duration", type=float, default=0.3, help="seconds; shorter rows are skipped")
     p.add_argument("--max_duration", type=float, default=60.0, help="seconds; longer rows are skipped")
+    p.add_argument("--min_sample_rate", type=int, default=16000,
+                   help="Hz; audio below it is skipped (upstream training drops it too)")
+    p.add_argument("--encoding", default="utf-8",
+                   help="encoding of the corpus' text files, e.g. gbk or latin-1 (default utf-8; UTF-16 files with a"
+                        " byte-order mark are detected); lines not valid in it are skipped and reported")
     p.add_argument("--onnx_batch_size", type=int, default=8,
                    help="utterances per tokenizer/embedding batch (padding does not change the tokens)")
     p.add_argument("--speech_tokenizer_device", default=None,
@@ -536,7 +558,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         num_workers=a.num_workers, num_utts_per_parquet=a.num_utts_per_parquet,
                         speech_tokenizer=a.speech_tokenizer, campplus=a.campplus, token_rate=rate,
                         codebook_size=a.codebook_size, min_duration=a.min_duration,
-                        max_duration=a.max_duration, onnx_batch_size=a.onnx_batch_size, seed=a.seed,
+                        max_duration=a.max_duration, min_sample_rate=a.min_sample_rate, encoding=a.encoding,
+                        onnx_batch_size=a.onnx_batch_size, seed=a.seed,
                         speech_tokenizer_device=a.speech_tokenizer_device,
                         progress=not a.no_progress)
     try:

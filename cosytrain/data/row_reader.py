@@ -29,7 +29,9 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-READ_COLUMNS = ("utt", "audio_data", "text", "speech_token", "utt_embedding", "spk_embedding", "instruct")
+# every column a pipeline stage reads; absent ones are skipped per shard (reject_speech_token: DPO shards)
+READ_COLUMNS = ("utt", "audio_data", "text", "speech_token", "utt_embedding", "spk_embedding", "instruct",
+                "reject_speech_token")
 BATCH_ROWS = 16
 ROW_OVERHEAD = 1024  # dict, keys, small objects
 

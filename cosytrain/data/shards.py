@@ -40,8 +40,10 @@ SHARD_SCHEMA_FIELDS: tuple[tuple[str, pa.DataType], ...] = (
     ("spk_embedding", pa.list_(pa.float64())),
     ("speech_token", pa.list_(pa.int64())),
 )
-# Written only when the source folder has an ``instruct`` file (upstream does the same).
-OPTIONAL_SCHEMA_FIELDS: tuple[tuple[str, pa.DataType], ...] = (("instruct", pa.string()),)
+# Written only when the source folder has an ``instruct`` file (upstream does the same), and only in
+# preference (DPO) shards: the rejected speech tokens (upstream's column, cosyvoice/dataset/processor.py).
+OPTIONAL_SCHEMA_FIELDS: tuple[tuple[str, pa.DataType], ...] = (("instruct", pa.string()),
+                                                               ("reject_speech_token", pa.list_(pa.int64())))
 
 SHARD_COLUMNS: tuple[str, ...] = tuple(name for name, _ in SHARD_SCHEMA_FIELDS)
 OPTIONAL_COLUMNS: tuple[str, ...] = tuple(name for name, _ in OPTIONAL_SCHEMA_FIELDS)
@@ -64,8 +66,9 @@ def spk2parquet_name(i: int) -> str:
     return f"spk2parquet_{i:09d}.json"
 
 
-def shard_schema(with_instruct: bool = False) -> pa.Schema:
-    fields = list(SHARD_SCHEMA_FIELDS) + (list(OPTIONAL_SCHEMA_FIELDS) if with_instruct else [])
+def shard_schema(with_instruct: bool = False, with_reject: bool = False) -> pa.Schema:
+    wanted = {"instruct": with_instruct, "reject_speech_token": with_reject}
+    fields = list(SHARD_SCHEMA_FIELDS) + [(name, typ) for name, typ in OPTIONAL_SCHEMA_FIELDS if wanted[name]]
     return pa.schema([pa.field(name, typ) for name, typ in fields])
 
 
@@ -91,9 +94,10 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def rows_to_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
-    """Build a table with the shard schema; ``instruct`` is included when any row carries it."""
+    """Build a table with the shard schema; ``instruct`` / ``reject_speech_token`` when any row carries it."""
     with_instruct = any("instruct" in r and r["instruct"] is not None for r in rows)
-    schema = shard_schema(with_instruct)
+    with_reject = any(r.get("reject_speech_token") is not None for r in rows)
+    schema = shard_schema(with_instruct, with_reject)
     missing = [c for c in SHARD_COLUMNS if rows and c not in rows[0]]
     if missing:
         raise ValueError(f"shard row lacks columns {missing}; every row needs {list(SHARD_COLUMNS)}")
@@ -228,8 +232,10 @@ def read_data_list(path: str | os.PathLike) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data list {path} not found; run `python -m cosytrain prepare` to make it")
+    from cosytrain.utils.text_files import read_text
+
     out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in read_text(path).splitlines():  # a byte that is not UTF-8: one line naming file:line
         line = line.strip()
         if not line:
             continue

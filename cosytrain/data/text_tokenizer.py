@@ -6,8 +6,11 @@ Three kinds, picked by name so a YAML can choose one:
   pretrained text embedding has to be matched.
 * ``whisper``: upstream v1's text tokenizer (``whisper.tokenizer.get_tokenizer(multilingual=True,
   num_languages=100, language='en', task='transcribe')``, 51866 ids, the v1 ``text_token_size``).
-  Uses ``openai-whisper`` when installed, else ``tiktoken`` plus the ``multilingual.tiktoken``
-  vocabulary file given as ``path``. Both are optional; a missing one is a one-line error.
+  ``openai-whisper`` comes with the ``whisper``/``official``/``test`` extras; its wheel ships the
+  ``multilingual.tiktoken`` vocabulary, read from the package folder (never the network). A
+  ``multilingual.tiktoken`` given as ``path`` is used instead, with ``tiktoken`` alone (``tiktoken``'s
+  own ``get_encoding`` would download; this builds the encoding from the local file). A missing
+  package or file is a one-line error naming the extra to install.
 * ``qwen``: upstream v2/v3's tokenizer, a Hugging Face tokenizer folder (``CosyVoice-BlankEN``)
   loaded with ``local_files_only=True`` (never the network) plus upstream's added special tokens,
   whose ids the pretrained LLM's text embedding depends on, so the list and its order are upstream's.
@@ -98,18 +101,19 @@ def _tiktoken_whisper_encoding(path: str | None, num_languages: int) -> Any:
         import tiktoken  # type: ignore[import-not-found]
     except ImportError as ex:
         raise TokenizerUnavailableError(
-            "the whisper text tokenizer needs `pip install openai-whisper` or `pip install tiktoken` "
-            "plus text_tokenizer_path=<multilingual.tiktoken>") from ex
+            "the whisper text tokenizer (CosyVoice 1) needs openai-whisper: pip install 'cosytrain[whisper]'"
+            " (or tiktoken plus text_tokenizer_path=<multilingual.tiktoken>)") from ex
     if path is None:
         raise TokenizerUnavailableError(
-            "openai-whisper is not installed: set text_tokenizer_path to whisper's multilingual.tiktoken "
-            "(from the openai-whisper package's assets) to use tiktoken instead")
+            "the whisper text tokenizer (CosyVoice 1) needs openai-whisper: pip install 'cosytrain[whisper]'"
+            " (or set text_tokenizer_path to a copy of its multilingual.tiktoken)")
     vocab = Path(path)
     if vocab.is_dir():
         vocab = vocab / "multilingual.tiktoken"
     if not vocab.is_file():
         raise TokenizerUnavailableError(f"whisper vocabulary {vocab} not found; point text_tokenizer_path at "
-                                        "openai-whisper's assets/multilingual.tiktoken")
+                                        "openai-whisper's assets/multilingual.tiktoken, or leave it unset with"
+                                        " openai-whisper installed (pip install 'cosytrain[whisper]')")
     ranks = {base64.b64decode(tok): int(rank)
              for tok, rank in (line.split() for line in vocab.read_text().splitlines() if line)}
     specials = ["<|endoftext|>", "<|startoftranscript|>",

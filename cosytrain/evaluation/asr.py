@@ -32,13 +32,16 @@ from typing import Any, Iterator, Protocol
 
 import numpy as np
 
+from cosytrain.errors import ConfigurationError
+
 __all__ = ["AsrBackend", "AsrError", "load_asr", "normalize_text", "error_rates", "TransformersAsr"]
 
 SAMPLE_RATE = 16000
 
 
-class AsrError(RuntimeError):
-    """The recogniser cannot be loaded (bad spec, missing path or package); one line naming the fix."""
+class AsrError(ConfigurationError, RuntimeError):
+    """The recogniser cannot be loaded (bad spec, missing path or package); one line naming the fix (a
+    ``ConfigurationError``: the CLI prints it as one line)."""
 
 
 class AsrBackend(Protocol):

@@ -16,6 +16,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from cosytrain.errors import ConfigurationError
+
 __all__ = [
     "DEFAULT_TOLERANCES",
     "HIGHER_IS_BETTER",
@@ -85,7 +87,7 @@ def resolve_tolerances(overrides: Optional[Mapping[str, Optional[float]]] = None
     tolerances = dict(DEFAULT_TOLERANCES)
     for key, value in (overrides or {}).items():
         if key not in DEFAULT_TOLERANCES:
-            raise ValueError(f"unknown FP16 tolerance {key!r}; known: {', '.join(DEFAULT_TOLERANCES)}")
+            raise ConfigurationError(f"unknown FP16 tolerance {key!r}; known: {', '.join(DEFAULT_TOLERANCES)}")
         tolerances[key] = None if value is None else float(value)
     return tolerances
 

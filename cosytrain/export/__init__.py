@@ -16,6 +16,9 @@ Our tasks keep each trained part under the attribute ``llm``, ``flow`` or ``hift
     reused verbatim; without a base the config is rebuilt from the training run's ``config.yaml``
     as upstream HyperPyYAML (``cosyvoice.yaml``, ``cosyvoice2.yaml`` or ``cosyvoice3.yaml``), with
     the run's Qwen folder, text tokenizer, built-in front ends and speakers.
+:mod:`cosytrain.export.trained_weights`
+    Raw or EMA weights (``--weights``); LoRA adapters merged into their base, and kept alone in
+    peft's format (``--adapter-only`` writes only those).
 :mod:`cosytrain.export.checks`
     The load-back and synthesis check.
 :mod:`cosytrain.export.writer`
@@ -86,6 +89,14 @@ def _parser() -> argparse.ArgumentParser:
                              " and spk2embedding.pt")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     parser.add_argument("--no-check", action="store_true", help="skip the load-back and synthesis check")
+    parser.add_argument("--weights", choices=("auto", "ema", "raw"), default="auto",
+                        help="checkpoints of runs with an EMA callback hold the average and the raw weights:"
+                             " export the average (ema), the raw weights (raw) or the average when there is one"
+                             " (auto, the default)")
+    parser.add_argument("--adapter-only", action="store_true",
+                        help="LoRA checkpoints: write only the adapters, in peft's format (<output>/<part>/"
+                             "adapter_model.safetensors + adapter_config.json); by default the adapters are merged"
+                             " into the base (--base, else the run's init_from) and also kept under <output>/lora/")
     return parser
 
 
@@ -94,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result = export_model(args.checkpoints, args.output, base=args.base, average=args.average,
                               monitor=args.monitor, run_config=args.run_config, overwrite=args.overwrite,
-                              check=not args.no_check)
+                              check=not args.no_check, weights=args.weights, adapter_only=args.adapter_only)
     except (ExportError, ModelDirError) as exc:  # an UpstreamConfigError is a ModelDirError
         print(f"cosytrain export: {exc}", file=sys.stderr)
         return 2
@@ -102,6 +113,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"cosytrain export: {' '.join(str(exc).split())}", file=sys.stderr)
         return 1
     parts = result.metadata["parts"]
+    if args.adapter_only:
+        print(f"exported LoRA adapters of {', '.join(parts)} to {result.output} (peft format)")
+        return 0
     summary = ", ".join(
         f"{p} from {len(parts[p]['checkpoints'])} checkpoint(s)" if parts[p]["source"] == "checkpoint"
         else f"{p} from base" for p in PARTS)

@@ -42,6 +42,7 @@ import torch
 from cosytrain.evaluation.fp16_figures import figures_from_checkpoint
 from cosytrain.export.errors import ExportError
 from cosytrain.export.part_split import split_parts
+from cosytrain.export.trained_weights import checkpoint_parts, lora_records
 from cosytrain.modeldir import PARTS, ModelDirError, load_weights_file
 
 __all__ = [
@@ -128,6 +129,8 @@ class CheckpointInfo:
     score: float | None = None
     # the last FP16-vs-FP32 figures an FP16EvalCallback saved into this checkpoint
     fp16_figures: dict[str, Any] | None = None
+    # LoRA checkpoints: part -> the base model directory the adapters were trained on (init_from)
+    lora_bases: dict[str, str] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -173,6 +176,7 @@ def _info_from(path: Path, ckpt: Mapping[str, Any]) -> CheckpointInfo:
         monitors=monitors,
         hparams=dict(hparams) if isinstance(hparams, Mapping) else {},
         fp16_figures=figures_from_checkpoint(ckpt),
+        lora_bases={part: str(record.get("init_from")) for part, record in lora_records(ckpt).items()},
     )
 
 
@@ -387,11 +391,22 @@ def _group(infos: list[CheckpointInfo]) -> dict[tuple[str, ...], list[Checkpoint
     return groups
 
 
-def _average_group(chosen: list[CheckpointInfo]) -> dict[str, dict[str, torch.Tensor]]:
+def _average_group(chosen: list[CheckpointInfo], weights: str = "auto", base: Any = None,
+                   notes: dict[str, Any] | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """Average each part over ``chosen``; ``weights`` and LoRA merging per checkpoint (``trained_weights``).
+
+    ``notes`` (when given) receives per part what was exported: ``weights`` (ema/raw), the LoRA
+    ``lora`` record and, for a single checkpoint, peft's ``adapter_files``.
+    """
     averagers = {part: _Averager(part) for part in chosen[0].parts}
     for info in chosen:
-        states = split_parts(read_checkpoint(info.path)["state_dict"], str(info.path))
+        found = checkpoint_parts(read_checkpoint(info.path), str(info.path), weights, base)
         for part, averager in averagers.items():
-            averager.add(states[part], info.name)
-        del states
+            averager.add(found.states[part], info.name)
+            if notes is not None:
+                note = notes.setdefault(part, {"weights": found.weights})
+                if part in found.lora:
+                    note["lora"] = found.lora[part]
+                    note["adapter_files"] = found.adapter_files[part] if len(chosen) == 1 else None
+        del found
     return {part: averager.result() for part, averager in averagers.items()}

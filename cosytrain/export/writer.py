@@ -2,7 +2,8 @@
 
 1. ``_open_base``: the ``--base`` model directory, if any (read safely, weights read lazily).
 2. ``_average_trained_parts``: the checkpoints, chosen and averaged per run
-   (:mod:`cosytrain.export.checkpoints`); without a base, each run's part configs too.
+   (:mod:`cosytrain.export.checkpoints`), each checkpoint's raw or EMA weights with its LoRA adapters
+   merged (:mod:`cosytrain.export.trained_weights`); without a base, each run's part configs too.
 3. The config: ``_config_from_base`` reuses the base's yaml after shape-checking the trained
    weights against it; ``_config_from_runs`` writes one from the runs (:mod:`cosytrain.export.run_config`).
 4. ``_metadata``: ``cosytrain.json`` (generation, config source, text tokenizer, the FP16 model card).
@@ -77,6 +78,7 @@ from cosytrain.export.run_config import (
     speaker_info_from_shards,
     write_qwen_weights,
 )
+from cosytrain.export.trained_weights import ADAPTERS_DIR, lora_base_of, write_adapter_files
 from cosytrain.modeldir import (
     BUILTIN_FRONT_END_FILES,
     CONFIG_NAMES,
@@ -116,6 +118,7 @@ class _TrainedParts:
     sources: dict[str, dict[str, Any]] = field(default_factory=dict)  # part -> cosytrain.json record
     run_parts: dict[str, Any] = field(default_factory=dict)  # part -> inert config tree
     run_sources: dict[str, str] = field(default_factory=dict)  # part -> where its config was found
+    adapters: dict[str, dict[str, bytes] | None] = field(default_factory=dict)  # LoRA part -> peft's files
 
 
 @dataclass
@@ -169,15 +172,21 @@ def _checkpoint_record(info: CheckpointInfo) -> dict[str, Any]:
 
 
 def _average_trained_parts(infos: list[CheckpointInfo], average: str | None, monitor: str | None,
-                           run_configs: Sequence[Path], with_run_configs: bool) -> _TrainedParts:
+                           run_configs: Sequence[Path], with_run_configs: bool, weights: str = "auto",
+                           base_dir: ModelDirectory | None = None) -> _TrainedParts:
     """Per run (group of checkpoints holding the same parts): choose, average, record the sources."""
     trained = _TrainedParts()
     for members in _group(infos).values():
         chosen, averaging = select_checkpoints(members, average, monitor)
-        for part, state in _average_group(chosen).items():
+        notes: dict[str, Any] = {}
+        for part, state in _average_group(chosen, weights, base_dir, notes).items():
             trained.states[part] = state
             trained.sources[part] = {"source": "checkpoint", "averaging": averaging,
-                                     "checkpoints": [_checkpoint_record(i) for i in chosen]}
+                                     "checkpoints": [_checkpoint_record(i) for i in chosen],
+                                     "weights": notes[part]["weights"]}
+            if "lora" in notes[part]:
+                trained.sources[part]["lora"] = notes[part]["lora"]
+                trained.adapters[part] = notes[part]["adapter_files"]
         if with_run_configs:
             found, where = _part_configs_from_run(chosen[0], run_configs)
             for part, value in found.items():
@@ -352,6 +361,29 @@ def _check_written(tmp: Path) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------------
+# LoRA adapters
+# --------------------------------------------------------------------------------------------------
+
+def _write_adapters_only(output: Path, trained: _TrainedParts, overwrite: bool) -> ExportResult:
+    if not trained.adapters:
+        raise ExportError("--adapter-only: the checkpoints hold no LoRA adapters (train with lora: {llm: {...}})")
+    if output.exists() and not overwrite:
+        raise ExportError(f"{output}: already exists; pass --overwrite to replace it (atomically)")
+    metadata: dict[str, Any] = {"format": 1, "cosytrain_version": __version__, "kind": "lora adapters",
+                                "parts": {p: {k: v for k, v in trained.sources[p].items()} for p in trained.adapters}}
+    if any(files is None for files in trained.adapters.values()):
+        raise ExportError("--adapter-only: several checkpoints were chosen; averaged adapters are not one adapter,"
+                          " export one checkpoint (or --average last:1)")
+
+    def fill(tmp: Path) -> None:
+        write_adapter_files(tmp, trained.adapters, metadata["parts"])
+        (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+
+    atomic_directory(output, fill, overwrite=overwrite)
+    return ExportResult(output=output, generation="lora", metadata=metadata)
+
+
+# --------------------------------------------------------------------------------------------------
 # The export
 # --------------------------------------------------------------------------------------------------
 
@@ -366,13 +398,31 @@ def export_model(
     run_config: str | Path | Sequence[str | Path] | None = None,
     overwrite: bool = False,
     check: bool = True,
+    weights: str = "auto",
+    adapter_only: bool = False,
 ) -> ExportResult:
-    """Write an upstream-layout model directory at ``output``; the steps are this module's docstring."""
+    """Write an upstream-layout model directory at ``output``; the steps are this module's docstring.
+
+    ``weights``: ``auto``/``ema``/``raw`` (:mod:`cosytrain.export.trained_weights`). LoRA checkpoints are
+    merged into their base (``base``, else the run's ``init_from``, which then is the base of the whole
+    export); ``adapter_only`` writes only the adapters in peft's format, one folder per adapted part.
+    """
     output = Path(output)
-    base_dir = _open_base(base, output, overwrite)
-    run_configs = _as_paths(run_config)
     infos = checkpoint_infos(checkpoints)
-    trained = _average_trained_parts(infos, average, monitor, run_configs, with_run_configs=base_dir is None)
+    lora_base = lora_base_of([info.lora_bases for info in infos]) if base is None else None
+    try:
+        base_dir = _open_base(base if lora_base is None else lora_base, output, overwrite)
+    except ModelDirError as exc:
+        if lora_base is None:
+            raise
+        raise ExportError(f"the checkpoints hold LoRA adapters whose base model directory (the run's init_from"
+                          f" {lora_base}) cannot be opened ({exc}); pass --base DIR, the model directory the"
+                          " adapters were trained on") from None
+    run_configs = _as_paths(run_config)
+    trained = _average_trained_parts(infos, average, monitor, run_configs, with_run_configs=base_dir is None,
+                                     weights=weights, base_dir=base_dir)
+    if adapter_only:
+        return _write_adapters_only(output, trained, overwrite)
     config = _config_from_base(base_dir, trained) if base_dir is not None else _config_from_runs(trained)
     config_paths = _run_config_paths(infos, run_configs)
     data_folders = _data_folders(config_paths)  # where prepare left the built-in front ends and speakers
@@ -382,6 +432,7 @@ def export_model(
 
     def fill(tmp: Path) -> None:
         _write_config_and_weights(tmp, base_dir, config, trained, metadata)
+        write_adapter_files(tmp / ADAPTERS_DIR, trained.adapters, metadata["parts"])
         _copy_front_end_files(tmp, base_dir, config, data_folders, metadata, trained)
         _write_speakers(tmp, data_folders, metadata)
         metadata["check"] = _check_written(tmp) if check else {"skipped": "--no-check"}

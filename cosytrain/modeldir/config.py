@@ -56,7 +56,12 @@ def read_source(path_or_text: str | Path) -> tuple[str, str, Path | None]:
         path = find_config(path)
     if not path.is_file():
         raise UpstreamConfigError(f"config file {path} not found")
-    return path.read_text(encoding="utf-8"), path.name, path.parent
+    from cosytrain.utils.text_files import TextFileError, read_text
+
+    try:
+        return read_text(path), path.name, path.parent
+    except TextFileError as err:  # names the line and column of the first byte that is not UTF-8
+        raise UpstreamConfigError(str(err)) from None
 
 
 def load_upstream_config(

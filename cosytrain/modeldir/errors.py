@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from cosytrain.errors import ConfigurationError
+
 __all__ = ["ModelDirError", "UpstreamConfigError", "StateDictMismatchError"]
 
 
-class ModelDirError(ValueError):
-    """A model directory (or a weights file) was refused; the message is one line."""
+class ModelDirError(ConfigurationError):
+    """A model directory (or a weights file) was refused; the message is one line (a ``ConfigurationError``:
+    the command-line front ends print it as one line)."""
 
     def __init__(self, message: str) -> None:
         super().__init__(" ".join(str(message).split()))

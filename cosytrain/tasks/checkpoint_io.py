@@ -25,16 +25,30 @@ from typing import Any, Optional
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.types import _PATH
 
+from cosytrain.errors import ConfigurationError
 from cosytrain.utils.atomic import atomic_torch_save
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """``TorchCheckpointIO`` whose save is a same-directory temp file + fsync + ``os.replace``."""
+    """``TorchCheckpointIO`` whose save is a same-directory temp file + fsync + ``os.replace``, and whose
+    load is always ``weights_only=True``: Lightning before 2.6 loads ``ckpt_path`` with
+    ``weights_only=False``, which runs any code pickled into the file (seen with 2.5.0)."""
+
+    def load_checkpoint(self, path: _PATH, map_location: Optional[Any] = None, weights_only: Optional[bool] = None
+                        ) -> dict[str, Any]:
+        import torch
+        from lightning.fabric.utilities.cloud_io import get_filesystem
+
+        fs = get_filesystem(path)
+        if not fs.exists(path):
+            raise FileNotFoundError(f"checkpoint file {path} not found")
+        with fs.open(path, "rb") as f:
+            return torch.load(f, map_location=map_location, weights_only=True)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Optional[Any] = None) -> None:
         if storage_options is not None:
-            raise TypeError(f"{type(self).__name__} does not take storage_options; drop them or bring your own"
-                            " CheckpointIO plugin")
+            raise ConfigurationError(f"{type(self).__name__} does not take storage_options; drop them or bring your own"
+                                     " CheckpointIO plugin")
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         atomic_torch_save(checkpoint, target)  # raises AtomicWriteError (an OSError) naming the path

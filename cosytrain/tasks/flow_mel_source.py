@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cosytrain.errors import ConfigurationError
 from cosytrain.modeldir import load_model_dir
 from cosytrain.tasks.callbacks import synthesize_mel
 
@@ -55,15 +56,15 @@ class FlowMelSource:
             with torch.autocast(device_type=device.type, enabled=False):
                 mel = self.synthesize(self.flow, one, device)
             if mel is None:
-                raise ValueError("mel_source=flow: the flow has no upstream-style inference() or the batch lacks"
-                                 " speech_token/embedding")
+                raise ConfigurationError("mel_source=flow: the flow has no upstream-style inference() or the batch"
+                                         " lacks speech_token/embedding")
             mel = mel.float()
             made = mel.shape[-1]
             if abs(made - length) > self.max_error * max(length, 1):
                 utt = batch.get("utts", [None] * feat.shape[0])[i]
-                raise ValueError(f"mel_source=flow: the flow made {made} frames for utterance {utt} but its audio has"
-                                 f" {length}; the flow path needs uncropped audio: set data.init_args.truncate_length"
-                                 " to at least the longest utterance's samples")
+                raise ConfigurationError(f"mel_source=flow: the flow made {made} frames for utterance {utt} but its"
+                                         f" audio has {length}; the flow path needs uncropped audio: set"
+                                         " data.init_args.truncate_length to at least the longest utterance's samples")
             if made != length:
                 mel = F.interpolate(mel[None], size=length, mode="linear", align_corners=False)[0]
             out[i, :length] = mel.t()

@@ -9,6 +9,8 @@ the task's own parts (``pl_module.llm`` / ``flow`` / ``hift``, whichever exist) 
 the run when a figure leaves its tolerance. The last figures are kept in ``last_figures`` and saved
 in the checkpoint (``checkpoint['callbacks']['FP16EvalCallback']['last_figures']``), where export
 finds them for the model card (:func:`cosytrain.evaluation.fp16_figures.figures_from_checkpoint`).
+Under DeepSpeed ZeRO-3 every rank gathers the parts' parameters before its check
+(:func:`cosytrain.tasks.deepspeed.gathered_parameters`).
 """
 
 from __future__ import annotations
@@ -23,9 +25,11 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from cosytrain.errors import ConfigurationError
 from cosytrain.evaluation.fp16_batches import DEFAULT_SEED, batch_size, take_utterances
 from cosytrain.evaluation.fp16_check import run_fp16_check
 from cosytrain.evaluation.fp16_figures import CALLBACK_STATE_KEY, flat_figures, resolve_tolerances
+from cosytrain.tasks.deepspeed import gathered_parameters
 
 __all__ = ["FP16EvalCallback", "FP16CheckWarning"]
 
@@ -78,13 +82,14 @@ class FP16EvalCallback(pl.Callback):
                  seed: int = DEFAULT_SEED, log_media: bool = True, speech: bool = True,
                  speaker_encoder: str = "auto", asr: Optional[str] = None) -> None:
         if int(every_n_validations) < 1:
-            raise ValueError(f"every_n_validations must be at least 1, got {every_n_validations}")
+            raise ConfigurationError(f"every_n_validations must be at least 1, got {every_n_validations}")
         if int(num_utterances) < 1:
-            raise ValueError(f"num_utterances must be at least 1, got {num_utterances}")
+            raise ConfigurationError(f"num_utterances must be at least 1, got {num_utterances}")
         if on_fail not in ("warn", "stop"):
-            raise ValueError(f"on_fail={on_fail!r}: use 'warn' or 'stop'")
+            raise ConfigurationError(f"on_fail={on_fail!r}: use 'warn' or 'stop'")
         if hift_from is not None and not (Path(hift_from) / "hift.pt").is_file():
-            raise ValueError(f"hift_from={hift_from!r}: no hift.pt there; give a model directory holding the vocoder")
+            raise ConfigurationError(f"hift_from={hift_from!r}: no hift.pt there; give a model directory holding the"
+                                     f" vocoder")
         self.every_n_validations = int(every_n_validations)
         self.num_utterances = int(num_utterances)
         self.tolerances = dict(tolerances or {})
@@ -150,7 +155,9 @@ class FP16EvalCallback(pl.Callback):
         if not due:
             return
         batches, self._batches, self._collected = self._batches, [], 0
-        failures = self._check(trainer, pl_module, batches)
+        # under DeepSpeed ZeRO-3 every rank gathers the parts' parameters (a collective), then checks its own batches
+        with gathered_parameters(trainer, *(getattr(pl_module, n, None) for n in ("llm", "flow", "hift"))):
+            failures = self._check(trainer, pl_module, batches)
         failed = bool(failures)
         if trainer.world_size > 1:  # every rank gets here on the same validations, so this cannot hang
             failed = bool(trainer.strategy.reduce_boolean_decision(failed, all=False))  # any rank failing counts

@@ -34,7 +34,19 @@ batch, so a run resumed from a checkpoint draws the same noise as an uninterrupt
 draw different noise.
 
 Mel source: ``mel_source='ground_truth'`` (upstream) trains on the data's mels; ``'flow'`` on mels a
-trained, frozen flow generates (:mod:`cosytrain.tasks.flow_mel_source`).
+trained, frozen flow generates (:mod:`cosytrain.tasks.flow_mel_source`). The frozen flow is outside the
+module tree, so it follows the module's device in every stage's start hook (fit, validate, test,
+predict), not only in ``on_fit_start``.
+
+F0 targets: the data's ``pitch_feat`` come from ``cosytrain.data.features.compute_f0``, which is
+upstream's pyworld (harvest + stonemask) when pyworld is importable and a YIN stand-in otherwise.
+The backend is logged (console, TensorBoard text ``data/f0_backend``, hparams). Fine-tuning
+pretrained weights (``init_from``) toward the stand-in's different F0 would silently move the
+official F0 predictor, so it is refused unless ``allow_yin_f0_stand_in: true``; install the
+``vocoder`` extra (``pip install 'cosytrain[vocoder]'``, pyworld wheels) for the exact targets.
+
+``init_from`` is read when the run is set up and not when it resumes from a checkpoint
+(``cosytrain.tasks.init_from``).
 """
 
 from __future__ import annotations
@@ -50,75 +62,24 @@ import torch
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from torch import nn
 
+from cosytrain.errors import ConfigurationError
 from cosytrain.modeldir import check_state_dict
 from cosytrain.models.hift.discriminator import (MultiPeriodDiscriminator, MultipleDiscriminator,
                                                  MultiResSpecDiscriminator)
 from cosytrain.models.hift.losses import HiFiGanLoss, MelConfig
 from cosytrain.tasks.flow_mel_source import FlowMelSource
+from cosytrain.tasks.hift_config import (check_sample_rate, datamodule_value, default_mel_loss_config,
+                                         split_gan_train_conf)
 from cosytrain.tasks.hift_weights import read_init_weights
-from cosytrain.tasks.optim import TrainConf, build_optimizer, build_scheduler
+from cosytrain.tasks.init_from import InitFrom
+from cosytrain.tasks.optim import build_optimizer, build_scheduler
 from cosytrain.tasks.precision import normalize_precision
 
 log = logging.getLogger(__name__)
 
 __all__ = ["HiFTTask", "check_sample_rate", "split_gan_train_conf", "default_mel_loss_config"]
 
-_GAN_ONLY_KEYS = {"optim_d", "optim_conf_d", "scheduler_d", "scheduler_conf_d"}
 _STEP_SEED_MOD = 2**62
-
-
-# ---------------------------------------------------------------------------------------------- helpers
-
-
-def split_gan_train_conf(conf: Mapping[str, Any] | None) -> tuple[TrainConf, TrainConf]:
-    """Upstream ``train_conf_gan`` -> (generator conf, discriminator conf).
-
-    ``optim``/``optim_conf``/``scheduler``/``scheduler_conf`` are the generator's; the same names with
-    ``_d`` the discriminator's (defaulting to the generator's); ``grad_clip`` applies to both.
-    Upstream's defaults: adam, lr 2e-4, constantlr, grad_clip 5. ``accum_grad`` must be 1 (upstream
-    says the same for GAN training).
-    """
-    conf = dict(conf or {})
-    accum = int(conf.pop("accum_grad", 1))
-    if accum != 1:
-        raise ValueError(f"train_conf.accum_grad={accum}: GAN training steps both optimizers every batch; set it to 1")
-    gen = {"optim": "adam", "optim_conf": {"lr": 0.0002}, "scheduler": "constantlr", "scheduler_conf": {},
-           "grad_clip": 5.0}
-    for key in list(conf):
-        if key not in _GAN_ONLY_KEYS:
-            gen[key] = conf.pop(key)
-    disc = {"optim": conf.pop("optim_d", gen["optim"]), "optim_conf": conf.pop("optim_conf_d", gen["optim_conf"]),
-            "scheduler": conf.pop("scheduler_d", gen["scheduler"]),
-            "scheduler_conf": conf.pop("scheduler_conf_d", gen.get("scheduler_conf", {})),
-            "grad_clip": gen["grad_clip"]}
-    return TrainConf.from_dict(gen), TrainConf.from_dict(disc)
-
-
-def check_sample_rate(model_rate: int, data_rate: Optional[int], model_hop: Optional[int] = None,
-                      data_hop: Optional[int] = None) -> None:
-    """One-line error when the data's audio rate or mel hop does not fit the vocoder."""
-    if data_rate is not None and int(data_rate) != int(model_rate):
-        raise ValueError(f"sample rate mismatch: the data is {int(data_rate)} Hz but the vocoder (hift.sampling_rate)"
-                         f" is {int(model_rate)} Hz; set data.init_args.sample_rate: {int(model_rate)} or use a"
-                         f" {int(data_rate)} Hz vocoder config")
-    if model_hop is not None and data_hop is not None and int(model_hop) != int(data_hop):
-        raise ValueError(f"hop size mismatch: the data's mel hop_size is {int(data_hop)} samples but the vocoder"
-                         f" makes {int(model_hop)} samples per frame; set data.init_args.hop_size: {int(model_hop)}")
-
-
-def _datamodule_value(dm: Any, name: str) -> Any:
-    hp = getattr(dm, "hparams", None)
-    if hp is not None and name in hp:
-        return hp[name]
-    return getattr(dm, name, None)
-
-
-def default_mel_loss_config(hift: nn.Module) -> MelConfig:
-    """Upstream's GAN mel transform for this vocoder: hop = its samples per frame, n_fft = win = 4 hops
-    (v1 1024/256, v2/v3 1920/480), full band (fmax None)."""
-    hop = int(getattr(hift, "upsample_scale", 256))
-    return MelConfig(n_fft=4 * hop, num_mels=80, sampling_rate=int(getattr(hift, "sampling_rate", 22050)),
-                     hop_size=hop, win_size=4 * hop, fmin=0.0, fmax=None, center=False)
 
 
 def _norm(params: Sequence[nn.Parameter], clip: float) -> torch.Tensor:
@@ -155,6 +116,8 @@ class HiFTTask(pl.LightningModule):
         step_seed: re-seed the global torch RNG per batch from (step_seed, step, rank); None = never.
         log_media_every_n_steps: audio samples and mel images to TensorBoard every N steps (0 = off);
             validation logs its first batch every time.
+        allow_yin_f0_stand_in: train from ``init_from`` weights even though pyworld is missing and the
+            F0 targets come from the YIN stand-in (see the module doc); default False refuses that.
     """
 
     def __init__(
@@ -175,6 +138,7 @@ class HiFTTask(pl.LightningModule):
         flow_dir: Optional[str] = None,
         step_seed: Optional[int] = 1234,
         log_media_every_n_steps: int = 500,
+        allow_yin_f0_stand_in: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["hift", "discriminator"])
@@ -191,14 +155,14 @@ class HiFTTask(pl.LightningModule):
                                 tpr_loss_tau)
         self.warmup_steps = int(discriminator_warmup_steps)
         if precision is not None and normalize_precision(precision) is None:
-            raise ValueError(f"precision={precision!r}: use '16-mixed', 'bf16-mixed' or '32-true'")
+            raise ConfigurationError(f"precision={precision!r}: use '16-mixed', 'bf16-mixed' or '32-true'")
         self.requested_precision = normalize_precision(precision) if precision is not None else None
         self.run_precision: str = self.requested_precision or "32-true"
         self.init_scale = float(grad_scaler_init_scale)
         if mel_source not in ("ground_truth", "flow"):
-            raise ValueError(f"mel_source={mel_source!r}: use 'ground_truth' or 'flow'")
+            raise ConfigurationError(f"mel_source={mel_source!r}: use 'ground_truth' or 'flow'")
         if mel_source == "flow" and not flow_dir:
-            raise ValueError("mel_source='flow' needs flow_dir: a model directory holding the trained flow.pt")
+            raise ConfigurationError("mel_source='flow' needs flow_dir: a model directory holding the trained flow.pt")
         self.mel_source = mel_source
         # a tuple keeps the frozen flow out of the module tree (not trained, not checkpointed, not exported)
         self._flow_source: tuple[FlowMelSource, ...] = (FlowMelSource.from_model_dir(flow_dir),) if flow_dir and \
@@ -210,8 +174,9 @@ class HiFTTask(pl.LightningModule):
         self.skipped_steps = {"generator": 0, "discriminator": 0}
         self.last_grad_norm: dict[str, float] = {}
         self.last_step_taken: dict[str, bool] = {}
-        if init_from:
-            self.load_init_weights(init_from)
+        self._init_from = InitFrom(init_from, self.load_init_weights)
+        self.allow_yin_f0_stand_in = bool(allow_yin_f0_stand_in)
+        self.f0_backend: Optional[str] = None
 
     # ------------------------------------------------------------------ weights
     def load_init_weights(self, init_from: str | Path) -> None:
@@ -243,14 +208,15 @@ class HiFTTask(pl.LightningModule):
         elif type(plugin) is Precision:
             trainer_precision = "32-true"
         else:
-            raise ValueError(f"HiFTTask owns its precision and cannot run with trainer precision plugin "
-                             f"{type(plugin).__name__}; use trainer.precision 16-mixed, bf16-mixed or 32-true")
+            raise ConfigurationError(f"HiFTTask owns its precision and cannot run with trainer precision plugin "
+                                     f"{type(plugin).__name__}; use trainer.precision 16-mixed, bf16-mixed or 32-true")
         if "deepspeed" in type(strategy).__name__.lower():
-            raise ValueError("HiFTTask (two optimizers, manual optimisation) does not support DeepSpeed; use ddp")
+            raise ConfigurationError("HiFTTask (two optimizers, manual optimisation) does not support DeepSpeed; use"
+                                     " ddp")
         wanted = self.requested_precision
         if wanted is not None and trainer_precision != "32-true" and trainer_precision != wanted:
-            raise ValueError(f"precision set twice: model.init_args.precision={wanted} but trainer.precision="
-                             f"{trainer_precision}; set only one")
+            raise ConfigurationError(f"precision set twice: model.init_args.precision={wanted} but trainer.precision="
+                                     f"{trainer_precision}; set only one")
         self.run_precision = wanted or trainer_precision or "32-true"
         if isinstance(plugin, MixedPrecision):
             strategy.precision_plugin = Precision()  # autocast + scalers are ours (module doc)
@@ -259,15 +225,37 @@ class HiFTTask(pl.LightningModule):
         dm = getattr(self.trainer, "datamodule", None)
         if dm is None:
             return
-        check_sample_rate(int(getattr(self.hift, "sampling_rate")), _datamodule_value(dm, "sample_rate"),
-                          getattr(self.hift, "upsample_scale", None), _datamodule_value(dm, "hop_size"))
-        if _datamodule_value(dm, "vocoder") is False:
-            raise ValueError("HiFTTask needs vocoder batches (speech, pitch_feat): set data.init_args.vocoder: true")
+        check_sample_rate(int(getattr(self.hift, "sampling_rate")), datamodule_value(dm, "sample_rate"),
+                          getattr(self.hift, "upsample_scale", None), datamodule_value(dm, "hop_size"))
+        if datamodule_value(dm, "vocoder") is False:
+            raise ConfigurationError("HiFTTask needs vocoder batches (speech, pitch_feat): set"
+                                     " data.init_args.vocoder: true")
+
+    def _check_f0_backend(self) -> None:
+        from cosytrain.tasks.f0_backend import check_f0_backend
+
+        self.f0_backend = check_f0_backend(self.hparams.get("init_from"), self.allow_yin_f0_stand_in)
 
     def setup(self, stage: str) -> None:
         if stage == "fit":
             self._check_data()
+            self._check_f0_backend()  # before init_from is read: refusing costs nothing then
+        self._init_from.on_setup(self.trainer)
         self._resolve_precision()  # validate/test too: the trainer's plugin must not autocast on top of ours
+
+    def _log_f0_backend(self) -> None:
+        from cosytrain.tasks.f0_backend import log_f0_backend
+
+        log_f0_backend(self.trainer, self.f0_backend, int(self.global_step))
+
+    def _flow_to_device(self) -> None:
+        """The frozen flow is outside the module tree: move it with the module, in every stage."""
+        for source in self._flow_source:
+            source.to(self.device)
+
+    def load_init_from(self) -> None:
+        """Read ``init_from`` now (the trainer does it at setup unless the run resumes)."""
+        self._init_from.load_now()
 
     def on_fit_start(self) -> None:
         device = self.device.type
@@ -280,8 +268,23 @@ class HiFTTask(pl.LightningModule):
                     scaler.load_state_dict(pending)
             self.scalers[name] = scaler
         self._pending_scalers = None
-        for source in self._flow_source:
-            source.to(self.device)
+        self._flow_to_device()
+        self._log_f0_backend()
+
+    def on_train_start(self) -> None:
+        self._init_from.after_restore(self.trainer)
+
+    def on_validation_start(self) -> None:
+        self._init_from.after_restore(self.trainer)
+        self._flow_to_device()  # `validate` never runs on_fit_start
+
+    def on_test_start(self) -> None:
+        self._init_from.after_restore(self.trainer)
+        self._flow_to_device()
+
+    def on_predict_start(self) -> None:
+        self._init_from.after_restore(self.trainer)
+        self._flow_to_device()
 
     def autocast(self):
         """The autocast context of this run's precision (nothing for 32-true)."""
@@ -300,7 +303,8 @@ class HiFTTask(pl.LightningModule):
     def input_mels(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         """The batch the generator sees: ground-truth mels, or the frozen flow's."""
         if "speech" not in batch or "pitch_feat" not in batch:
-            raise KeyError("HiFTTask: the batch lacks 'speech'/'pitch_feat'; set data.init_args.vocoder: true")
+            raise ConfigurationError("HiFTTask: the batch lacks 'speech'/'pitch_feat'; set data.init_args.vocoder:"
+                                     " true")
         if self.mel_source == "flow":
             return {**batch, "speech_feat": self._flow_source[0](batch, self.device)}
         return dict(batch)
@@ -308,9 +312,9 @@ class HiFTTask(pl.LightningModule):
     def _real(self, batch: Mapping[str, Any], generated: torch.Tensor) -> torch.Tensor:
         real = batch["speech"].to(self.device)
         if real.shape != generated.shape:
-            raise ValueError(f"generated speech {list(generated.shape)} vs batch speech {list(real.shape)}: the data's"
-                             " hop_size must equal the vocoder's samples per frame"
-                             f" ({getattr(self.hift, 'upsample_scale', '?')})")
+            raise ConfigurationError(f"generated speech {list(generated.shape)} vs batch speech {list(real.shape)}:"
+                                     " the data's hop_size must equal the vocoder's samples per frame"
+                                     f" ({getattr(self.hift, 'upsample_scale', '?')})")
         return real
 
     def _step(self, name: str, loss: torch.Tensor, optimizer: Any, scheduler: Any, params: list[nn.Parameter],
@@ -428,9 +432,11 @@ class HiFTTask(pl.LightningModule):
             "precision": self.run_precision,
             "scalers": {name: (s.state_dict() if s is not None else None) for name, s in self.scalers.items()},
             "skipped_steps": dict(self.skipped_steps),
+            "f0_backend": self.f0_backend,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._init_from.on_restored()
         extra = checkpoint.get("hift_task", {})
         self.skipped_steps.update({k: int(v) for k, v in extra.get("skipped_steps", {}).items()})
         scalers = {k: v for k, v in (extra.get("scalers") or {}).items() if v}

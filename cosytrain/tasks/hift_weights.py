@@ -14,6 +14,7 @@ from typing import Any, Mapping
 
 import torch
 
+from cosytrain.errors import ConfigurationError
 from cosytrain.modeldir import clean_part_state_dict, load_weights_file
 from cosytrain.models.hift.weight_norm import strip_generator_prefix
 
@@ -24,10 +25,10 @@ def _unwrap_state_dict(checkpoint: Mapping[str, Any] | str | Path) -> Mapping[st
     if isinstance(checkpoint, (str, Path)):
         checkpoint = load_weights_file(checkpoint)
     if not isinstance(checkpoint, Mapping):
-        raise ValueError(f"expected a checkpoint dict, got {type(checkpoint).__name__}")
+        raise ConfigurationError(f"expected a checkpoint dict, got {type(checkpoint).__name__}")
     state = checkpoint.get("state_dict", checkpoint)
     if not isinstance(state, Mapping):
-        raise ValueError("checkpoint['state_dict'] is not a mapping")
+        raise ConfigurationError("checkpoint['state_dict'] is not a mapping")
     return state
 
 
@@ -48,7 +49,7 @@ def hift_state_dict(checkpoint: Mapping[str, Any] | str | Path) -> dict[str, tor
     """
     state = _prefixed(_unwrap_state_dict(checkpoint), "hift.")
     if not state:
-        raise ValueError("checkpoint has no 'hift.*' weights; is it a HiFTTask checkpoint?")
+        raise ConfigurationError("checkpoint has no 'hift.*' weights; is it a HiFTTask checkpoint?")
     return state
 
 

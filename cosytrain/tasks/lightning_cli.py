@@ -8,7 +8,16 @@ Conventions added on top of LightningCLI:
   The resolved config is saved as ``<run>/config.yaml`` (overwritten on resume).
 * ``trainer.precision`` means the same on every device (``cosytrain.tasks.precision``): ``16-mixed``
   is FP16 + GradScaler even on CPU.
-* A config mistake (unknown key, wrong type, bad value) prints ONE line and exits with code 2.
+* A config mistake (unknown key, wrong type, bad value, a ``ConfigurationError`` raised by cosytrain's
+  own checks while building or setting up the run) prints ONE line and exits with code 2. Any other
+  exception is a bug and keeps its traceback (exit 1), also when jsonargparse wrapped it while
+  building the model: the cause chain decides (``configuration_error_in``); the Trainer's own
+  argument checks count as configuration errors. ``COSYTRAIN_TRACEBACK=1``
+  prints the traceback of configuration errors too.
+
+The one-line rewriting of jsonargparse's messages (``one_line``) reads its error texts ("Parser key",
+"class_path"), and the root-cause walk relies on jsonargparse chaining the error of a failed class
+(``raise ... from``): both are tested against the lowest jsonargparse ``setup.cfg`` allows (4.32).
 """
 
 from __future__ import annotations
@@ -18,7 +27,7 @@ import re
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Sequence
 
 SUBCOMMANDS = ("fit", "validate", "test")
 DEFAULT_RUN_DIR = "runs/cosytrain"
@@ -28,15 +37,42 @@ class ConfigError(Exception):
     """A user-facing configuration problem: reported as one line, exit code 2."""
 
 
+def cause_chain(err: BaseException) -> list[BaseException]:
+    """``err`` and its ``raise ... from`` causes, outermost first (jsonargparse wraps class errors)."""
+    chain = [err]
+    while chain[-1].__cause__ is not None and all(chain[-1].__cause__ is not e for e in chain):
+        chain.append(chain[-1].__cause__)
+    return chain
+
+
+def configuration_error_in(err: BaseException) -> BaseException | None:
+    """The innermost configuration error of ``err``'s cause chain, or None when the chain is a bug."""
+    found = [e for e in cause_chain(err) if is_configuration_error(e)]
+    return found[-1] if found else None
+
+
+def is_configuration_error(err: BaseException) -> bool:
+    """True for errors that name a user's mistake (printed as one line); False for bugs (traceback)."""
+    import pickle
+
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    from cosytrain.errors import ConfigurationError
+
+    return isinstance(err, (ConfigurationError, ConfigError, FileNotFoundError, NotADirectoryError,
+                            pickle.UnpicklingError, MisconfigurationException))
+
+
 def prepare_trainer_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     """Trainer kwargs -> the same with cosytrain's precision plugin, run-folder logger and last.ckpt."""
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from cosytrain.tasks.checkpoint_io import AtomicCheckpointIO, wants_atomic_io
+    from cosytrain.tasks.deepspeed import prepare_deepspeed_kwargs
     from cosytrain.tasks.precision import apply_precision
 
-    kw = apply_precision(kwargs)
+    kw = apply_precision(prepare_deepspeed_kwargs(kwargs))  # DeepSpeed: its own precision rules first
     if wants_atomic_io(kw):  # checkpoints are whole or absent, even after SIGKILL/ENOSPC (checkpoint_io.py)
         plugins = kw.get("plugins") or []
         kw["plugins"] = [*(plugins if isinstance(plugins, (list, tuple)) else [plugins]), AtomicCheckpointIO()]
@@ -61,24 +97,13 @@ def prepare_trainer_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 def build_trainer(**kwargs: Any):
     """A Trainer with cosytrain's conventions, for use from Python (tests, notebooks)."""
-    from lightning.pytorch import Trainer
-
-    return Trainer(**prepare_trainer_kwargs(kwargs))
+    return _trainer_class()(**prepare_trainer_kwargs(kwargs))
 
 
 def _trainer_class():
-    from lightning.pytorch import Trainer
-
-    class CosyTrainer(Trainer):
-        """Lightning's ``Trainer`` whose ``precision`` also accepts cosytrain's ``auto``.
-
-        LightningCLI types ``trainer.precision`` from the Trainer signature, which has no ``auto``;
-        the value is resolved (``cosytrain.tasks.precision.resolve_auto_precision``) before the
-        Trainer is built, so Lightning itself never sees it.
-        """
-
-        def __init__(self, *args: Any, precision: Optional[Union[str, int]] = None, **kwargs: Any) -> None:
-            super().__init__(*args, precision=precision, **kwargs)
+    """``CosyTrainer``: records the ``ckpt_path`` of each stage (so ``init_from`` is not read on resume) and
+    accepts ``precision: auto`` (see ``cosytrain.tasks.init_from``)."""
+    from cosytrain.tasks.init_from import CosyTrainer
 
     return CosyTrainer
 
@@ -91,14 +116,33 @@ def _cli_class():
         def before_instantiate_classes(self) -> None:
             _check_ckpt_path(self._get(self.config, "ckpt_path", default=None))
             _check_accumulation(self._get(self.config, "trainer", default=None), self._get(self.config, "model"))
+            _check_clipping(self._get(self.config, "trainer", default=None), self._get(self.config, "model"))
 
         def instantiate_classes(self) -> None:
             try:
                 super().instantiate_classes()
-            except (ValueError, FileNotFoundError, KeyError, TypeError) as err:
-                raise ConfigError(f"{type(err).__name__}: {err}") from err
+            except Exception as err:  # noqa: BLE001 - sorted into config errors and bugs just below
+                found = configuration_error_in(err)
+                if found is None:
+                    # a bug in model/task code: re-raise the bug itself with its own frames, without
+                    # jsonargparse's "Does not validate against any of the Union subtypes" wrapper
+                    root = cause_chain(err)[-1]
+                    raise root.with_traceback(root.__traceback__) from None
+                if "Weights only load failed" in str(found):
+                    raise ConfigError(unpickling_line(found)) from err
+                raise ConfigError(" ".join(str(found).split()) or type(found).__name__) from err
 
         def instantiate_trainer(self, **kwargs: Any):
+            try:
+                return self._build_trainer(**kwargs)
+            except (ValueError, TypeError, KeyError) as err:  # the Trainer's own checks of its (user) arguments
+                if configuration_error_in(err) is not None:
+                    raise
+                from cosytrain.errors import ConfigurationError
+
+                raise ConfigurationError(f"trainer: {' '.join(str(err).split())}") from err
+
+        def _build_trainer(self, **kwargs: Any):
             extra_callbacks = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
             trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
             return self._instantiate_trainer(prepare_trainer_kwargs(trainer_config), extra_callbacks)
@@ -161,6 +205,27 @@ def _check_accumulation(trainer: Any, model: Any) -> None:
                           f" train_conf.accum_grad={accum}); set only train_conf.accum_grad")
 
 
+def _check_clipping(trainer: Any, model: Any) -> None:
+    """The task clips at train_conf.grad_clip (DeepSpeed too); a different trainer.gradient_clip_val is refused now."""
+    def get(node: Any, *keys: str) -> Any:
+        for key in keys:
+            node = node.get(key) if hasattr(node, "get") else None
+        return node
+
+    clip_val = get(trainer, "gradient_clip_val")
+    if clip_val is None or not str(get(model, "class_path") or "").startswith("cosytrain.tasks.speech_task."):
+        return  # the vocoder's GAN task leaves trainer.gradient_clip_val to Lightning
+    from cosytrain.tasks.optim import TrainConf
+    from cosytrain.tasks.speech_task import check_clipping
+
+    train_conf = get(model, "init_args", "train_conf")
+    grad_clip = train_conf.get("grad_clip", TrainConf.grad_clip) if hasattr(train_conf, "get") else TrainConf.grad_clip
+    try:
+        check_clipping(clip_val, grad_clip)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
 def unpickling_line(err: BaseException) -> str:
     """torch's multi-paragraph weights-only refusal -> one line naming the forbidden global."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
@@ -175,18 +240,22 @@ def _check_yaml_files(args: Sequence[str]) -> None:
     """jsonargparse reports broken YAML without the file's name; name it (config files and overlays)."""
     import yaml
 
+    from cosytrain.utils.text_files import TextFileError, read_text
+
     for arg in args:
         value = arg.split("=", 1)[1] if arg.startswith("--") and "=" in arg else arg
         if not value.endswith((".yaml", ".yml")) or not Path(value).is_file():
             continue
         try:
-            yaml.safe_load(Path(value).read_text(encoding="utf-8"))
+            yaml.safe_load(read_text(value))  # not UTF-8: TextFileError naming file:line:column
         except yaml.MarkedYAMLError as err:
             mark = err.problem_mark
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
             raise ConfigError(f"{value}: not valid YAML{where}: {err.problem or err}") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"{value}: not valid YAML: {' '.join(str(err).split())}") from None
+        except TextFileError as err:
+            raise ConfigError(str(err)) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -197,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from jsonargparse import ArgumentError
 
-    from cosytrain.data.pipeline import DataError
+    from cosytrain.errors import want_traceback
     from cosytrain.utils.atomic import AtomicWriteError
 
     cli_class, model_class, data_class = _cli_class()
@@ -222,20 +291,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ArgumentError, ConfigError) as err:
         # jsonargparse wraps an init_from file's weights-only refusal raised while building the model
         text = unpickling_line(err) if "Weights only load failed" in str(err) else one_line(str(err))
-        print(f"cosytrain {args[0]}: {text}", file=sys.stderr)
-        return 2
-    except DataError as err:  # e.g. an empty data set, found only when fit sets the data up
-        print(f"cosytrain {args[0]}: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
+        return _one_line_exit(args[0], text, err, 2, want_traceback())
     except pickle.UnpicklingError as err:  # init_from/ckpt_path file holding pickled code: refused, not run
-        print(f"cosytrain {args[0]}: {unpickling_line(err)}", file=sys.stderr)
-        return 2
+        return _one_line_exit(args[0], unpickling_line(err), err, 2, want_traceback())
     except AtomicWriteError as err:  # e.g. ENOSPC while saving a checkpoint; the previous one is intact
-        print(f"cosytrain {args[0]}: {' '.join(str(err).split())}", file=sys.stderr)
-        return 1
+        return _one_line_exit(args[0], " ".join(str(err).split()), err, 1, want_traceback())
+    except Exception as err:  # noqa: BLE001 - config errors found once the run is set up (data, init_from, ...)
+        found = configuration_error_in(err)
+        if found is None:
+            raise  # a bug: Python prints the traceback, exit code 1
+        return _one_line_exit(args[0], " ".join(str(found).split()), err, 2, want_traceback())
     except SystemExit as exc:  # --help / --print_config exit through argparse
         return int(exc.code or 0) if not isinstance(exc.code, str) else 2
     return 0
+
+
+def _one_line_exit(command: str, text: str, err: BaseException, code: int, show_traceback: bool) -> int:
+    if show_traceback:
+        import traceback
+
+        traceback.print_exception(err)
+    print(f"cosytrain {command}: {text}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
+from cosytrain.errors import ConfigurationError
 from cosytrain.tasks.schedulers import SCHEDULERS, ConstantLR
 
 # sgd (plain, no state without momentum) also serves memory-bound smoke runs of official-size models
@@ -44,18 +45,18 @@ class TrainConf:
         conf = dict(conf or {})
         for key, instead in _MOVED_KEYS.items():
             if key in conf:
-                raise ValueError(f"train_conf.{key} is upstream's loop setting; use {instead} instead")
+                raise ConfigurationError(f"train_conf.{key} is upstream's loop setting; use {instead} instead")
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(conf) - known)
         if unknown:
-            raise ValueError(f"train_conf has unknown key(s) {unknown}; known: {sorted(known)}")
+            raise ConfigurationError(f"train_conf has unknown key(s) {unknown}; known: {sorted(known)}")
         out = cls(**conf)
         if out.optim.lower() not in OPTIMIZERS:
-            raise ValueError(f"train_conf.optim={out.optim!r} is not one of {sorted(OPTIMIZERS)}")
+            raise ConfigurationError(f"train_conf.optim={out.optim!r} is not one of {sorted(OPTIMIZERS)}")
         if out.scheduler.lower() not in SCHEDULERS:
-            raise ValueError(f"train_conf.scheduler={out.scheduler!r} is not one of {sorted(SCHEDULERS)}")
+            raise ConfigurationError(f"train_conf.scheduler={out.scheduler!r} is not one of {sorted(SCHEDULERS)}")
         if int(out.accum_grad) < 1:
-            raise ValueError(f"train_conf.accum_grad must be >= 1, got {out.accum_grad}")
+            raise ConfigurationError(f"train_conf.accum_grad must be >= 1, got {out.accum_grad}")
         return out
 
 
@@ -63,7 +64,7 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], conf: TrainConf) -> to
     """``optim`` + ``optim_conf`` -> a torch optimizer (the kwargs go to the constructor unchanged)."""
     params = list(params)
     if not params:
-        raise ValueError("no trainable parameters: every parameter is frozen (check the task's `freeze` list)")
+        raise ConfigurationError("no trainable parameters: every parameter is frozen (check the task's `freeze` list)")
     return OPTIMIZERS[conf.optim.lower()](params, **conf.optim_conf)
 
 

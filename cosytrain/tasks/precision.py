@@ -20,6 +20,8 @@ import torch
 from lightning.pytorch.accelerators import Accelerator, CPUAccelerator, CUDAAccelerator
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 
+from cosytrain.errors import ConfigurationError
+
 log = logging.getLogger(__name__)
 
 # the spellings Lightning accepts for the three precisions we own
@@ -58,7 +60,8 @@ def autocast_device(accelerator: Any) -> str:
             return "cpu"
         if isinstance(accelerator, CUDAAccelerator):
             return "cuda"
-        raise ValueError(f"precision: cannot tell the autocast device of accelerator {type(accelerator).__name__}")
+        raise ConfigurationError(f"precision: cannot tell the autocast device of accelerator"
+                                 f" {type(accelerator).__name__}")
     name = str(accelerator or "auto").lower()
     if name == "cpu":
         return "cpu"
@@ -72,7 +75,11 @@ def autocast_device(accelerator: Any) -> str:
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return "mps"
         return "cpu"
-    raise ValueError(f"precision: unsupported accelerator {accelerator!r}; use cpu, gpu/cuda, mps or auto")
+    raise ConfigurationError(f"precision: unsupported accelerator {accelerator!r}; use cpu, gpu/cuda, mps or auto")
+
+
+def _names_deepspeed(strategy: Any) -> bool:
+    return "deepspeed" in str(strategy if isinstance(strategy, str) else type(strategy).__name__).lower()
 
 
 def _brings_own_precision(strategy: Any) -> bool:
@@ -101,7 +108,7 @@ def precision_plugin(precision: Any, accelerator: Any = "auto") -> Precision:
     precision = resolve_auto_precision(precision, accelerator)
     name = normalize_precision(precision)
     if name is None:
-        raise ValueError(f"precision={precision!r}: cosytrain supports '16-mixed', 'bf16-mixed' or '32-true'")
+        raise ConfigurationError(f"precision={precision!r}: cosytrain supports '16-mixed', 'bf16-mixed' or '32-true'")
     if name == "32-true":
         return Precision()
     return CosyMixedPrecision(name, device=autocast_device(accelerator))
@@ -110,11 +117,14 @@ def precision_plugin(precision: Any, accelerator: Any = "auto") -> Precision:
 def apply_precision(trainer_kwargs: dict[str, Any]) -> dict[str, Any]:
     """Replace ``precision`` in Trainer kwargs by our explicit plugin (returns a new dict).
 
-    DeepSpeed/FSDP/XLA bring their own precision handling (DeepSpeed: its own loss scaler, which
-    also skips overflowing steps), and any precision outside our three is passed to Lightning
-    unchanged; a plugin already in ``plugins`` wins.
+    DeepSpeed is left to :func:`cosytrain.tasks.deepspeed.prepare_deepspeed_kwargs` (autocast inside the
+    engine, ``auto`` -> ``bf16-mixed``/``32-true``; Lightning's own DeepSpeedStrategy refused); FSDP/XLA bring their own
+    precision handling, and any precision outside our three is passed to Lightning unchanged; a
+    plugin already in ``plugins`` wins.
     """
     kwargs = dict(trainer_kwargs)
+    if _names_deepspeed(kwargs.get("strategy")):
+        return kwargs  # cosytrain.tasks.deepspeed.prepare_deepspeed_kwargs resolved it (lightning_cli calls it first)
     if kwargs.get("precision") is not None:
         kwargs["precision"] = resolve_auto_precision(kwargs["precision"], kwargs.get("accelerator", "auto"))
     plugins = kwargs.get("plugins") or []

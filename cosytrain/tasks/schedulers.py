@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch.optim.lr_scheduler import LRScheduler
 
+from cosytrain.errors import ConfigurationError
+
 
 class WarmupLR(LRScheduler):
     """Noam-style warmup whose peak equals the optimizer's lr (reached at ``warmup_steps``).
@@ -39,10 +41,10 @@ class WarmupLR(LRScheduler):
 
 def _steps_or_ratio(steps: int | None, ratio: float | None, max_steps: int | None, what: str) -> int:
     if steps is not None and ratio is not None:
-        raise ValueError(f"NoamHoldAnnealing: give {what}_steps or {what}_ratio, not both")
+        raise ConfigurationError(f"NoamHoldAnnealing: give {what}_steps or {what}_ratio, not both")
     if ratio is not None:
         if max_steps is None:
-            raise ValueError(f"NoamHoldAnnealing: {what}_ratio needs max_steps")
+            raise ConfigurationError(f"NoamHoldAnnealing: {what}_ratio needs max_steps")
         return int(ratio * max_steps)
     return steps if steps is not None else 0
 
@@ -90,7 +92,7 @@ class NoamHoldAnnealing(LRScheduler):
 
     def _decayed(self, base: float, step: int) -> float:
         if not self.warmup_steps:
-            raise ValueError("NoamHoldAnnealing needs warmup_steps > 0 (or warmup_ratio)")
+            raise ConfigurationError("NoamHoldAnnealing needs warmup_steps > 0 (or warmup_ratio)")
         pure_hold = self.hold_steps - self.warmup_steps if self.hold_steps > 0 else 0
         warm = max(1, self.warmup_steps**self.decay_rate)
         decay = max(1, (step - pure_hold) ** self.decay_rate)

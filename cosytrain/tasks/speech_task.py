@@ -33,6 +33,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from cosytrain.errors import ConfigurationError
+from cosytrain.tasks.init_from import InitFrom
+from cosytrain.tasks.lora import Adapters
 from cosytrain.tasks.optim import TrainConf, build_optimization
 from cosytrain.tasks.precision import loss_scale
 
@@ -45,6 +48,11 @@ def load_part_weights(name: str, part: nn.Module, model_dir: str | Path) -> None
     The checks before the load are the model directory's (:func:`cosytrain.modeldir.check_state_dict`):
     weights of another generation, then every missing, unexpected or shape-mismatched key, in one line.
     """
+    from cosytrain.models.lora import has_adapters
+
+    if has_adapters(part):  # peft renamed the adapted layers: the base would not load (fish-speech #1163)
+        raise ValueError(f"init_from: the {name} part already carries LoRA adapters; its base weights must load"
+                         " before the adapters attach")
     path = Path(model_dir) / f"{name}.pt"
     if not path.is_file():
         raise FileNotFoundError(f"init_from: {path} not found; init_from must be a model directory holding {name}.pt")
@@ -66,7 +74,14 @@ class SpeechTask(pl.LightningModule):
         train_conf: upstream's ``train_conf`` optimisation keys (``optim``, ``optim_conf``,
             ``scheduler``, ``scheduler_conf``, ``grad_clip``, ``accum_grad``).
         freeze: parameter-name prefixes to freeze, with the part prefix (``llm.text_encoder``).
-        init_from: an upstream model directory; weights only, strict, checked now (before training).
+        init_from: an upstream model directory; weights only, strict, read and checked when the run is
+            set up (before step 1) and NOT read when the run resumes from a checkpoint (``ckpt_path``),
+            which holds every weight (``cosytrain.tasks.init_from``). ``load_init_from()`` reads it now.
+            With ``lora`` it is read at construction, on resume too: LoRA checkpoints hold only the adapters.
+        lora: LoRA adapters per part (``{llm: {r: 16, alpha: 32, dropout: 0.05, target_modules: [...],
+            train: [...]}}``, see :class:`cosytrain.models.lora.LoRASpec`): attached right after the
+            ``init_from`` weights load; only the adapters (and ``train`` prefixes) train, and checkpoints
+            hold those, not the base, which is read from ``init_from`` on resume too (``tasks/lora.py``).
         step_seed: re-seed torch's, python's and numpy's RNGs before every training batch from (step_seed, step, micro-batch,
             rank), and before every validation batch from (step_seed, batch index). Dropout, the flow's
             random times/noise etc. then depend only on the position in training, so a run resumed
@@ -83,26 +98,41 @@ class SpeechTask(pl.LightningModule):
         freeze: list[str] | None = None,
         init_from: str | None = None,
         step_seed: int | None = 1986,
+        lora: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=list(PART_NAMES))
         if llm is None and flow is None:
-            raise ValueError("SpeechTask needs at least one part: set model.init_args.llm and/or model.init_args.flow")
+            raise ConfigurationError("SpeechTask needs at least one part: set model.init_args.llm and/or"
+                                     " model.init_args.flow")
         self.part_names: list[str] = []
         for name, part in (("llm", llm), ("flow", flow)):
             if part is not None:
                 setattr(self, name, part)
                 self.part_names.append(name)
         self.train_conf = TrainConf.from_dict(train_conf)
-        if init_from:
-            for name in self.part_names:
-                load_part_weights(name, getattr(self, name), init_from)
+        self._init_from = InitFrom(init_from, self._load_parts)
+        self.adapters = Adapters.from_config(lora, self.part_names, init_from)
+        if self.adapters is not None:
+            # LoRA checkpoints hold the adapters, not the frozen base: the base is read now (on resume
+            # too), and the adapters attach after it, never before (models/lora.py)
+            self.adapters.check_base()
+            self._init_from.load_now()
+            self.adapters.attach(self)
         self.frozen = self._freeze(freeze or [])
         self.step_seed = step_seed
         self.skipped_steps = 0
         self.last_grad_norm: dict[str, float] = {}
 
     # ------------------------------------------------------------------ setup
+    def _load_parts(self, model_dir: str) -> None:
+        for name in self.part_names:
+            load_part_weights(name, getattr(self, name), model_dir)
+
+    def load_init_from(self) -> None:
+        """Read ``init_from`` now (the trainer does it at setup unless the run resumes)."""
+        self._init_from.load_now()
+
     def parts(self) -> dict[str, nn.Module]:
         return {name: getattr(self, name) for name in self.part_names}
 
@@ -113,7 +143,7 @@ class SpeechTask(pl.LightningModule):
             stem = prefix.rstrip(".")
             hits = [n for n in names if n == stem or n.startswith(stem + ".")]
             if not hits:
-                raise ValueError(f"freeze: prefix {prefix!r} matches no parameter; names look like {names[:3]}")
+                raise ConfigurationError(f"freeze: prefix {prefix!r} matches no parameter; names look like {names[:3]}")
             frozen += hits
         params = dict(self.named_parameters())
         for n in frozen:
@@ -121,15 +151,17 @@ class SpeechTask(pl.LightningModule):
         return sorted(set(frozen))
 
     def setup(self, stage: str) -> None:
+        self._init_from.on_setup(self.trainer)
         if stage != "fit":
             return
         accum = int(self.train_conf.accum_grad)
         current = self.trainer.accumulate_grad_batches
         if current not in (1, accum):
-            raise ValueError(f"gradient accumulation is set twice (trainer.accumulate_grad_batches={current}, "
-                             f"train_conf.accum_grad={accum}); set only train_conf.accum_grad")
+            raise ConfigurationError(f"gradient accumulation is set twice (trainer.accumulate_grad_batches={current}, "
+                                     f"train_conf.accum_grad={accum}); set only train_conf.accum_grad")
         # Lightning reads this attribute live (its GradientAccumulationScheduler sets it the same way)
         self.trainer.accumulate_grad_batches = accum
+        check_clipping(self.trainer.gradient_clip_val, self.train_conf.grad_clip)
 
     def configure_optimizers(self) -> dict[str, Any]:
         return build_optimization([p for p in self.parameters() if p.requires_grad], self.train_conf)
@@ -145,6 +177,18 @@ class SpeechTask(pl.LightningModule):
         random.seed(seed)  # upstream's flow draws its prompt-condition masks from python's random
         np.random.seed(seed % 2**32)
 
+    def on_train_start(self) -> None:
+        self._init_from.after_restore(self.trainer)
+
+    def on_validation_start(self) -> None:
+        self._init_from.after_restore(self.trainer)
+
+    def on_test_start(self) -> None:
+        self._init_from.after_restore(self.trainer)
+
+    def on_predict_start(self) -> None:
+        self._init_from.after_restore(self.trainer)
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         accum = int(self.train_conf.accum_grad)
         self._reseed(0, self.global_step, batch_idx % accum, self.global_rank)
@@ -158,6 +202,13 @@ class SpeechTask(pl.LightningModule):
 
     def _shared_step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
         batch_size = _batch_size(batch)
+        instruct_len = batch.get("instruct_token_len") if isinstance(batch, Mapping) else None
+        if stage == "train" and isinstance(instruct_len, torch.Tensor):
+            # rows trained without an instruction in batches that carry instructions (collate pads them
+            # to length 0): a growing count means the corpus' instruct file misses utterances
+            for name, count in (("with", int((instruct_len > 0).sum())), ("without", int((instruct_len == 0).sum()))):
+                self.log(f"data/rows_{name}_instruct", float(count), on_step=True, on_epoch=True, reduce_fx="sum",
+                         batch_size=1)
         total = None
         for name, part in self.parts().items():
             out = part(batch, self.device)
@@ -190,7 +241,10 @@ class SpeechTask(pl.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Grads are unscaled here (Lightning unscales before this hook): clip, measure, maybe skip."""
         if _is_deepspeed(self.trainer):
-            return  # DeepSpeed clips (config gradient_clipping) and skips overflowing steps itself
+            # DeepSpeed clips at train_conf.grad_clip (CosyDeepSpeedStrategy writes its gradient_clipping)
+            # and skips a step whose grad norm is not finite itself; grads live in its partitions
+            self.log("train/lr", optimizer.param_groups[0]["lr"])
+            return
         clip = float(self.train_conf.grad_clip or 0.0)
         finite = True
         norms: dict[str, float] = {}
@@ -217,11 +271,24 @@ class SpeechTask(pl.LightningModule):
         if scale is not None:
             self.log("train/loss_scale", scale)
 
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if _is_deepspeed(self.trainer):  # DeepSpeed counts the steps it skipped (kept in its checkpoints)
+            skipped = getattr(getattr(self.trainer.strategy, "model", None), "skipped_steps", None)
+            if isinstance(skipped, int):
+                self.skipped_steps = skipped
+                self.log("train/skipped_steps", float(skipped))
+
     # ------------------------------------------------------------------ checkpoint extras
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["cosytrain"] = {"skipped_steps": self.skipped_steps, "parts": list(self.part_names)}
+        if self.adapters is not None:
+            self.adapters.strip(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.adapters is not None:
+            self.adapters.fill(checkpoint, self)
+        self._init_from.on_restored()
         self.skipped_steps = int(checkpoint.get("cosytrain", {}).get("skipped_steps", 0))
 
 
@@ -229,16 +296,20 @@ class LLMTask(SpeechTask):
     """The LLM stage alone (upstream ``--model llm``)."""
 
     def __init__(self, llm: nn.Module, train_conf: dict[str, Any] | None = None, freeze: list[str] | None = None,
-                 init_from: str | None = None, step_seed: int | None = 1986) -> None:
-        super().__init__(llm=llm, train_conf=train_conf, freeze=freeze, init_from=init_from, step_seed=step_seed)
+                 init_from: str | None = None, step_seed: int | None = 1986,
+                 lora: dict[str, dict[str, Any]] | None = None) -> None:
+        super().__init__(llm=llm, train_conf=train_conf, freeze=freeze, init_from=init_from, step_seed=step_seed,
+                         lora=lora)
 
 
 class FlowTask(SpeechTask):
     """The flow stage alone (upstream ``--model flow``)."""
 
     def __init__(self, flow: nn.Module, train_conf: dict[str, Any] | None = None, freeze: list[str] | None = None,
-                 init_from: str | None = None, step_seed: int | None = 1986) -> None:
-        super().__init__(flow=flow, train_conf=train_conf, freeze=freeze, init_from=init_from, step_seed=step_seed)
+                 init_from: str | None = None, step_seed: int | None = 1986,
+                 lora: dict[str, dict[str, Any]] | None = None) -> None:
+        super().__init__(flow=flow, train_conf=train_conf, freeze=freeze, init_from=init_from, step_seed=step_seed,
+                         lora=lora)
 
 
 def _batch_size(batch: Mapping[str, Any]) -> int:
@@ -247,6 +318,13 @@ def _batch_size(batch: Mapping[str, Any]) -> int:
         if isinstance(value, torch.Tensor) and value.dim() > 0:
             return int(value.shape[0])
     return 1
+
+
+def check_clipping(gradient_clip_val: Any, grad_clip: Any) -> None:
+    """The task clips at ``train_conf.grad_clip``; a different ``trainer.gradient_clip_val`` would clip again."""
+    if gradient_clip_val is not None and float(gradient_clip_val) != float(grad_clip or 0.0):
+        raise ValueError(f"gradient clipping is set twice (trainer.gradient_clip_val={gradient_clip_val}, "
+                         f"train_conf.grad_clip={grad_clip}); set only train_conf.grad_clip")
 
 
 def _is_deepspeed(trainer: pl.Trainer) -> bool:

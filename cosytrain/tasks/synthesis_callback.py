@@ -24,7 +24,8 @@ built from the datamodule's mel options), so every recipe has audio. ``model_dir
 parts the task does not train (e.g. the flow for an LLM-only run) and ``campplus.onnx`` for SIM.
 
 DDP: rank 0 synthesises (on its own validation shard); the figures are broadcast, so every rank logs
-the same monitor value and the checkpoint callbacks agree. Validations that do not synthesise log
+the same monitor value and the checkpoint callbacks agree. DeepSpeed ZeRO-3: every rank first gathers
+the task's parameters (:func:`cosytrain.tasks.deepspeed.gathered_parameters`), then rank 0 synthesises. Validations that do not synthesise log
 nothing under ``synth/``: put the ModelCheckpoint that monitors a ``synth/`` figure on the same
 rhythm (``every_n_validations: 1``, or a ``val_check_interval`` matching it), or Lightning reports
 the monitor missing.
@@ -44,7 +45,9 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from cosytrain.errors import ConfigurationError
 from cosytrain.evaluation.synthesis import CONDITIONS, SynthesisItem, average, generation_of, score, synthesize_items
+from cosytrain.tasks.deepspeed import gathered_parameters
 
 __all__ = ["SynthesisCallback", "SynthesisWarning"]
 
@@ -96,15 +99,15 @@ class SynthesisCallback(pl.Callback):
                  speaker_encoder: str = "auto", asr: Optional[str] = None, seed: int = 1986, max_pool: int = 64,
                  log_audio: bool = True, write_report: bool = True) -> None:
         if int(every_n_validations) < 1 or int(num_utterances) < 1:
-            raise ValueError("SynthesisCallback: every_n_validations and num_utterances must be at least 1")
+            raise ConfigurationError("SynthesisCallback: every_n_validations and num_utterances must be at least 1")
         unknown = [c for c in conditions if c not in CONDITIONS]
         if unknown:
-            raise ValueError(f"SynthesisCallback: unknown conditions {unknown}; choose from {list(CONDITIONS)}")
+            raise ConfigurationError(f"SynthesisCallback: unknown conditions {unknown}; choose from {list(CONDITIONS)}")
         if model_dir is not None and not Path(model_dir).is_dir():
-            raise ValueError(f"SynthesisCallback: model_dir {model_dir} is not a directory")
+            raise ConfigurationError(f"SynthesisCallback: model_dir {model_dir} is not a directory")
         if vocoder not in ("auto", "griffin_lim") and not (Path(vocoder) / "hift.pt").is_file():
-            raise ValueError(f"SynthesisCallback: vocoder={vocoder!r}: use 'auto', 'griffin_lim' or a model directory"
-                             " holding hift.pt")
+            raise ConfigurationError(f"SynthesisCallback: vocoder={vocoder!r}: use 'auto', 'griffin_lim' or a model"
+                                     " directory holding hift.pt")
         if asr is not None:
             from cosytrain.evaluation.asr import load_asr
 
@@ -173,13 +176,15 @@ class SynthesisCallback(pl.Callback):
         if not due:
             return
         figures: Optional[dict[str, float]] = None
-        if trainer.is_global_zero:
-            try:
-                figures = self._synthesise_and_measure(trainer, pl_module)
-            except Exception as exc:  # noqa: BLE001 - measuring must never stop training
-                self._warn(f"error:{type(exc).__name__}", f"synthesis failed at step {trainer.global_step}"
-                           f" ({type(exc).__name__}: {' '.join(str(exc).split())[:300]})")
-                figures = None
+        # DeepSpeed ZeRO-3: every rank gathers the task's parts (a collective); rank 0 synthesises with them
+        with gathered_parameters(trainer, *(getattr(pl_module, n, None) for n in ("llm", "flow", "hift"))):
+            if trainer.is_global_zero:
+                try:
+                    figures = self._synthesise_and_measure(trainer, pl_module)
+                except Exception as exc:  # noqa: BLE001 - measuring must never stop training
+                    self._warn(f"error:{type(exc).__name__}", f"synthesis failed at step {trainer.global_step}"
+                               f" ({type(exc).__name__}: {' '.join(str(exc).split())[:300]})")
+                    figures = None
         if trainer.world_size > 1:
             figures = trainer.strategy.broadcast(figures, src=0)
         self._pool = {}

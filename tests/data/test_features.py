@@ -103,3 +103,19 @@ def test_compute_f0_backend_choice():
             compute_f0(wav, 24000, 480, 15, backend="pyworld")
     f0 = compute_f0(wav, 24000, 480, 15, backend="yin")
     assert f0.shape == (15,) and 140 < f0[7].item() < 160
+
+
+def test_cached_filterbank_made_under_inference_mode_still_trains():
+    """Lightning validates under torch.inference_mode; the mel filterbank/window cached there must not be
+    inference tensors, or the GAN mel loss of the next training step fails ('Inference tensors cannot be
+    saved for backward'), e.g. HiFT `validate` then `fit`, or a sanity check before training."""
+    from cosytrain.data import features
+
+    args = (1024, 80, 22050, 256, 1024, 0.0, 7777.0)  # a configuration no other test has cached
+    features._MEL_BASIS.clear()
+    features._HANN_WINDOW.clear()
+    with torch.inference_mode():
+        mel_spectrogram(torch.randn(1, 4096), *args)
+    wav = torch.randn(1, 4096, requires_grad=True)
+    mel_spectrogram(wav, *args).sum().backward()
+    assert wav.grad is not None and torch.isfinite(wav.grad).all()

@@ -201,6 +201,23 @@ def test_padding_keys_dtypes_and_order() -> None:
     assert torch.equal(spk["embedding"], spk["spk_embedding"]) and not torch.equal(spk["embedding"], batch["embedding"])
 
 
+def test_instruct_rows_mixed_with_plain_rows_keep_their_instructions() -> None:
+    """Upstream (and cosytrain before) emitted instruct_token only when EVERY row had one: one plain row in
+    the batch dropped the instructions of all the others. Rows without one are padded to length 0."""
+    rows = [make_row("ins", seconds=0.9, text="a b"), make_row("plain", seconds=0.6, text="c"),
+            make_row("empty", seconds=0.3, text="d")]
+    rows[0]["instruct"] = "speak slowly"
+    rows[2]["instruct"] = ""  # an empty instruct value: tokens [] as upstream, not a missing key
+    batch = P.collate(run_rows(rows))
+    assert batch["utts"] == ["ins", "plain", "empty"]
+    tok = ByteTokenizer()
+    assert batch["instruct_token_len"].tolist() == [len("speak slowly"), 0, 0]
+    assert batch["instruct_token"].dtype == torch.int64 and batch["instruct_token_len"].dtype == torch.int32
+    assert batch["instruct_token"][0].tolist() == tok.encode("speak slowly")
+    assert torch.all(batch["instruct_token"][1:] == 0)
+    assert "instruct_token" not in P.collate(run_rows([make_row("p1"), make_row("p2", seconds=0.6)]))
+
+
 def test_vocoder_mode_adds_speech_and_pitch() -> None:
     feat = FeatureConfig(vocoder=True, truncate_length=256 * 40)
     rows = [make_row("long", seconds=0.9), make_row("short", seconds=0.2)]
@@ -243,17 +260,52 @@ def test_byte_tokenizer_and_unknown_kind() -> None:
         build_text_tokenizer("sentencepiece")
 
 
-def test_whisper_tokenizer_missing_dependency_is_one_clear_error(tmp_path: Path) -> None:
+def test_whisper_tokenizer_missing_dependency_is_one_clear_error(tmp_path: Path, monkeypatch) -> None:
+    """Without openai-whisper (simulated) the error names the extra; a wrong vocabulary path names the file."""
+    import sys
+
     from cosytrain.data.text_tokenizer import TokenizerUnavailableError, WhisperTokenizer
 
-    try:
-        import tiktoken  # noqa: F401
-    except ImportError:
-        with pytest.raises(TokenizerUnavailableError, match="tiktoken"):
-            WhisperTokenizer(str(tmp_path / "multilingual.tiktoken"))
-    else:
-        with pytest.raises(TokenizerUnavailableError, match="not found"):
-            WhisperTokenizer(str(tmp_path / "multilingual.tiktoken"))
+    with pytest.raises(TokenizerUnavailableError, match="not found"):
+        WhisperTokenizer(str(tmp_path / "multilingual.tiktoken"))
+    monkeypatch.setitem(sys.modules, "whisper", None)
+    monkeypatch.setitem(sys.modules, "whisper.tokenizer", None)
+    with pytest.raises(TokenizerUnavailableError, match=r"pip install 'cosytrain\[whisper\]'") as err:
+        WhisperTokenizer()
+    assert "\n" not in str(err.value)
+    monkeypatch.setitem(sys.modules, "tiktoken", None)
+    with pytest.raises(TokenizerUnavailableError, match=r"cosytrain\[whisper\]"):
+        WhisperTokenizer(str(tmp_path / "multilingual.tiktoken"))
+
+
+def test_whisper_tokenizer_is_the_real_v1_vocabulary_and_offline(tmp_path: Path, monkeypatch) -> None:
+    """The v1 recipes' tokenizer: openai-whisper's multilingual BPE (51866 ids = llm_v1 text_token_size),
+    built with the network blocked and an empty tiktoken cache; the tiktoken-only path over the same
+    vocabulary file gives the same ids, special tokens included."""
+    import socket
+
+    import yaml
+
+    from cosytrain.data.text_tokenizer import WhisperTokenizer
+    from tests.conftest import require_module
+
+    wt = require_module("whisper.tokenizer", "pip install -e '.[whisper]' (part of the test extra)")
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty_cache"))
+    monkeypatch.setenv("DATA_GYM_CACHE_DIR", str(tmp_path / "empty_cache"))
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the whisper tokenizer touched the network")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    ours = WhisperTokenizer()
+    vocab_file = Path(wt.__file__).parent / "assets" / "multilingual.tiktoken"
+    rebuilt = WhisperTokenizer(str(vocab_file))
+    conf = yaml.safe_load((Path(__file__).resolve().parents[2] / "conf" / "model" / "llm_v1.yaml").read_text())
+    assert ours.vocab_size == rebuilt.vocab_size == 51866 == conf["init_args"]["text_token_size"]
+    for text in ("Hello world.", "你好，世界", "Grüße aus Köln <|en|>", "<|endoftext|><|notimestamps|> 1.5 s"):
+        assert ours.encode(text) == rebuilt.encode(text), text
+    assert ours.encode("Hello world") == [15947, 1002]  # GPT-2 BPE ids, also whisper's
+    assert ours.encode("<|en|>") == [50259] and ours.decode(ours.encode("你好")) == "你好"
 
 
 def _tiny_hf_tokenizer(folder: Path) -> None:

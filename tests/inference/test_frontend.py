@@ -201,13 +201,21 @@ def test_missing_or_mismatched_front_end_files(v1_dir: Path, tmp_path: Path) -> 
         CosyVoiceFrontEnd(d, config, "v1", text_token_limit=100)._extract_text_token("hi")
     # the caller's override wins over cosytrain.json
     assert CosyVoiceFrontEnd(d, config, "v1", text_tokenizer="whisper").text_tokenizer_kind == "whisper"
-    # no whisper package and no vocabulary file: a one-line error naming the fix
+    # no whisper package (simulated) and no vocabulary file: a one-line error naming the extra to install
     (d / "cosytrain.json").unlink()
+    import sys
+
+    from cosytrain.data.text_tokenizer import build_text_tokenizer
+
+    build_text_tokenizer.cache_clear()
     try:
-        import whisper  # noqa: F401
-    except ImportError:
-        with pytest.raises(FrontEndError, match="whisper"):
-            CosyVoiceFrontEnd(d, config, "v1")._extract_text_token("hi")
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setitem(sys.modules, "whisper", None)
+            mp.setitem(sys.modules, "whisper.tokenizer", None)
+            with pytest.raises(FrontEndError, match=r"cosytrain\[whisper\]"):
+                CosyVoiceFrontEnd(d, config, "v1")._extract_text_token("hi")
+    finally:
+        build_text_tokenizer.cache_clear()
 
 
 def test_long_prompt_is_refused(frontend: CosyVoiceFrontEnd) -> None:

@@ -23,16 +23,13 @@ from cosytrain.modeldir import (
     load_upstream_config,
 )
 from cosytrain.modeldir.yaml_resolver import safe_arithmetic
-from tests.conftest import load_fixture, reference_dir
+from tests.conftest import load_fixture, reference_dir, require_reference
 
 GENERATIONS = {"v1": "cosyvoice.yaml", "v2": "cosyvoice2.yaml", "v3": "cosyvoice3.yaml"}
 
 
 def reference_config(gen: str) -> Path:
-    path = reference_dir() / "configs" / GENERATIONS[gen]
-    if not path.exists():
-        pytest.skip(f"reference config {path} not found (set COSYTRAIN_REFERENCE)")
-    return path
+    return require_reference(reference_dir() / "configs" / GENERATIONS[gen])
 
 
 def refused(text: str, *fragments: str, **kwargs) -> str:

@@ -70,11 +70,9 @@ def test_official_discriminator_keys_and_shapes_match_upstream():
 
 def test_registry_builds_upstream_hifigan_discriminator_section():
     from cosytrain.modeldir import Builder, load_upstream_config
-    from tests.conftest import reference_dir
+    from tests.conftest import reference_dir, require_reference
 
-    path = reference_dir() / "configs" / "cosyvoice2.yaml"
-    if not path.is_file():
-        pytest.skip("upstream configs not available")
+    path = require_reference(reference_dir() / "configs" / "cosyvoice2.yaml")
     tree = load_upstream_config(path, {"qwen_pretrain_path": "/nonexistent"})
     node = tree["hifigan"].kwargs["discriminator"]
     disc = Builder(str(path), device="meta").build(node, "hifigan.discriminator")

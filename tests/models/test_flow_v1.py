@@ -284,7 +284,7 @@ def test_rng_draw_order_of_compute_loss():
 # ---------------------------------------------------------------------------------------------
 
 def test_cfm_params_accepts_mapping_and_dictconfig():
-    omegaconf = pytest.importorskip("omegaconf")
+    import omegaconf  # a hard dependency (setup.cfg): a broken import must fail, not skip
     a = ConditionalCFM(240, CFM_PARAMS, spk_emb_dim=80)
     b = ConditionalCFM(240, omegaconf.DictConfig(CFM_PARAMS), spk_emb_dim=80)
     for obj in (a, b):

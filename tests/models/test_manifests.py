@@ -11,23 +11,15 @@ import json
 
 import pytest
 
-from cosytrain.modeldir import UpstreamConfigError, build_parts, load_upstream_config
-from tests.conftest import load_manifest, reference_dir
+from cosytrain.modeldir import build_parts, load_upstream_config
+from tests.conftest import load_manifest, reference_dir, require_reference
 
 CONFIGS = {"v1": "cosyvoice.yaml", "v2": "cosyvoice2.yaml", "v3": "cosyvoice3.yaml"}
 
 
-def _has_qwen2lm() -> bool:
-    import cosytrain.models.llm as llm
-
-    return hasattr(llm, "Qwen2LM")
-
-
 @functools.lru_cache(maxsize=None)
 def _config(gen: str, qwen_dir: str | None):
-    path = reference_dir() / "configs" / CONFIGS[gen]
-    if not path.exists():
-        pytest.skip(f"reference config {path} not found (set COSYTRAIN_REFERENCE)")
+    path = require_reference(reference_dir() / "configs" / CONFIGS[gen])
     overrides = {"qwen_pretrain_path": qwen_dir} if qwen_dir else None
     return load_upstream_config(path, overrides)
 
@@ -47,13 +39,7 @@ def qwen_dir(tmp_path_factory) -> str:
 def test_official_config_builds_manifest_state_dict(gen, part, qwen_dir):
     manifest = load_manifest(f"{gen}_{part}")
     cfg = _config(gen, qwen_dir if gen != "v1" else None)
-    try:
-        model = build_parts(cfg, parts=(part,), device="meta", source_name=CONFIGS[gen])[part]
-    except UpstreamConfigError as exc:
-        # CosyVoice2/3 land together (issue 7); until Qwen2LM exists, their missing classes skip, others are tested
-        if gen != "v1" and not _has_qwen2lm() and "not implemented yet in cosytrain" in str(exc):
-            pytest.skip(f"CosyVoice2/3 models are not all in cosytrain yet (no Qwen2LM): {exc}")
-        raise
+    model = build_parts(cfg, parts=(part,), device="meta", source_name=CONFIGS[gen])[part]
     ours = {k: (list(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in model.state_dict().items()}
     ref = {k: (v["shape"], v["dtype"]) for k, v in manifest["keys"].items()}
     missing = sorted(set(ref) - set(ours))

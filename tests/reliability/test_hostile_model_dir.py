@@ -106,7 +106,7 @@ def test_pickled_code_in_weights_is_refused_by_init_from(clean_dir: Path, tmp_pa
     marker = tmp_path / "pwned"
     torch.save(_TouchOnLoad(marker), model_dir / "llm.pt")
     with pytest.raises(ModelDirError) as err:  # one line naming the file and the refused callable
-        SpeechTask(llm=tiny.build("llm"), init_from=str(model_dir))
+        SpeechTask(llm=tiny.build("llm"), init_from=str(model_dir)).load_init_from()  # what setup() runs
     assert "llm.pt" in str(err.value) and "GLOBAL" in str(err.value) and "\n" not in str(err.value)
     assert not marker.exists()
 
@@ -129,3 +129,19 @@ def test_pickled_code_through_the_cli_is_one_line(tmp_path: Path, capsys: pytest
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("cosytrain fit:")]
     assert code == 2 and len(lines) == 1 and "posix.system" in lines[0], lines
     assert not marker.exists()
+
+
+def test_checkpoint_io_loads_weights_only_whatever_lightning_asks(tmp_path: Path) -> None:
+    """Lightning before 2.6 (setup.cfg allowed 2.4) loads ``ckpt_path`` with ``weights_only=False``: the
+    pickle ran (seen with 2.5.0). cosytrain's CheckpointIO, which every Trainer it builds uses, refuses it."""
+    import pickle
+
+    from cosytrain.tasks.checkpoint_io import AtomicCheckpointIO
+
+    marker = tmp_path / "pwned"
+    torch.save({"state_dict": {}, "x": _SystemOnLoad(marker)}, tmp_path / "evil.ckpt")
+    with pytest.raises(pickle.UnpicklingError):
+        AtomicCheckpointIO().load_checkpoint(tmp_path / "evil.ckpt", weights_only=False)
+    assert not marker.exists()
+    torch.save({"state_dict": {"w": torch.ones(2)}, "global_step": 3}, tmp_path / "ok.ckpt")
+    assert AtomicCheckpointIO().load_checkpoint(tmp_path / "ok.ckpt")["global_step"] == 3

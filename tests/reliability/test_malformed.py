@@ -87,11 +87,18 @@ def _all_bad(folder: Path) -> Path:
     return folder / "data.list"
 
 
+def _latin1_list(folder: Path) -> Path:
+    good = write_shard(folder / "good.parquet", [make_row("g1")])
+    (folder / "data.list").write_bytes(good.encode() + b"\n" + str(folder).encode() + b"/caf\xe9.parquet\n")
+    return folder / "data.list"
+
+
 @pytest.mark.parametrize("make,fragment", [
     (lambda folder: folder / "nowhere" / "data.list", "nowhere/data.list"),
     (_empty_list, "data.list"),
     (_all_bad, "no usable utterance"),
-], ids=["data list missing", "data list empty", "no usable row at all"])
+    (_latin1_list, r"data.list:2: not UTF-8 \(byte 0xe9"),
+], ids=["data list missing", "data list empty", "no usable row at all", "data list not UTF-8"])
 def test_unusable_data_set_is_one_error(tmp_path: Path, make: Callable[[Path], Path], fragment: str) -> None:
     with pytest.raises(DataError, match=fragment) as err:
         CosyDataModule(train_data=str(make(tmp_path)), **DM).setup("fit")
@@ -113,6 +120,7 @@ CONFIG_ROWS: dict[str, tuple[list[str], str]] = {
                            "/nonexistent/data.list"], "/nonexistent/data.list"),
     "ckpt_path missing": (["--ckpt_path", "/nonexistent/x.ckpt"], "/nonexistent/x.ckpt"),
     "config file not YAML": (["--config", "{broken}"], "broken.yaml"),
+    "config file not UTF-8": (["--config", "{latin1}"], "latin1.yaml:3: not UTF-8 (byte 0xe9 at column 8)"),
 }
 
 
@@ -121,10 +129,22 @@ def test_bad_config_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFix
     extra, fragment = CONFIG_ROWS[kind]
     (tmp_path / "base.yaml").write_text(BASE)
     (tmp_path / "broken.yaml").write_text("trainer: [unclosed\n")
-    extra = [a.replace("{broken}", str(tmp_path / "broken.yaml")) for a in extra]
+    (tmp_path / "latin1.yaml").write_bytes(b"# edited on an old Windows box\ntrainer:\n  # caf\xe9 au lait\n")
+    extra = [a.replace("{broken}", str(tmp_path / "broken.yaml")).replace("{latin1}", str(tmp_path / "latin1.yaml"))
+             for a in extra]
     code = main(["fit", "--config", str(tmp_path / "base.yaml"), "--trainer.max_steps", "1", "--trainer.logger",
                  "false", "--trainer.default_root_dir", str(tmp_path / "run"), *extra])
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("cosytrain fit:")]
     assert code == 2 and len(lines) == 1, lines
     assert fragment in lines[0]
     assert not (tmp_path / "run" / "checkpoints").exists()  # refused before training
+
+
+def test_model_dir_config_not_utf8_is_one_line(tmp_path: Path) -> None:
+    """A model directory's cosyvoice.yaml edited in a legacy encoding: one UpstreamConfigError naming the line."""
+    from cosytrain.modeldir import UpstreamConfigError, load_upstream_config
+
+    (tmp_path / "cosyvoice.yaml").write_bytes(b"sample_rate: 22050\n# r\xe9glages\n")
+    with pytest.raises(UpstreamConfigError) as err:
+        load_upstream_config(tmp_path)
+    assert "cosyvoice.yaml:2: not UTF-8 (byte 0xe9 at column 4)" in str(err.value) and "\n" not in str(err.value)

@@ -117,9 +117,15 @@ def read_scalars(log_dir) -> dict[str, list[tuple[int, float]]]:
     out: dict[str, list[tuple[int, float]]] = {}
     from pathlib import Path
 
-    for f in sorted(Path(log_dir).glob("events.out.tfevents.*")):
+    accs = []
+    for f in Path(log_dir).glob("events.out.tfevents.*"):
         acc = EventAccumulator(str(f), size_guidance={"scalars": 0, "images": 0})
         acc.Reload()
+        accs.append(acc)
+    # in the order the runs wrote them: the names end in seconds.host.pid.N with N a per-process counter
+    # compared as text, so two runs started within one second of a long session could sort swapped (".10" < ".9")
+    accs.sort(key=lambda a: a.FirstEventTimestamp())
+    for acc in accs:
         for tag in acc.Tags()["images"]:
             out.setdefault("image:" + tag, []).extend((e.step, float(e.width)) for e in acc.Images(tag))
         for tag in acc.Tags()["scalars"]:

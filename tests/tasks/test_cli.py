@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-import yaml
+import re
+
 import pytest
 import torch
+import yaml
 
 from cosytrain.tasks.lightning_cli import main, one_line
 from tests.tasks._toy import read_scalars
@@ -116,7 +118,7 @@ def test_official_model_confs_build_upstream_state_dicts(name, manifest):
     parser.add_argument("--part", type=torch.nn.Module)
     cfg = parser.parse_object({"part": yaml.safe_load((REPO / "conf" / "model" / f"{name}.yaml").read_text())})
     with torch.device("meta"):
-        part = parser.instantiate(cfg).part
+        part = parser.instantiate_classes(cfg).part  # instantiate() is newer than the lowest jsonargparse allowed
     got = {k: list(v.shape) for k, v in part.state_dict().items()}
     assert got == {k: v["shape"] for k, v in want.items()}
 
@@ -125,10 +127,13 @@ def test_official_model_confs_build_upstream_state_dicts(name, manifest):
                                      "strategy/ddp.yaml"])
 def test_strategy_overlays_parse(capsys, cfg, overlay):
     assert main(["fit", "--config", str(cfg), "--config", str(REPO / "conf" / overlay), "--print_config"]) == 0
-    printed = yaml.safe_load(capsys.readouterr().out)["trainer"]["strategy"]
+    # deepspeed's import logs "Setting accelerator to CPU" to stdout on a machine without CUDA
+    out = "\n".join(line for line in capsys.readouterr().out.splitlines() if not re.match(r"\[\d{4}-\d\d-\d\d ", line))
+    printed = yaml.safe_load(out)["trainer"]
     if "deepspeed" in overlay:
-        assert printed["class_path"].endswith("DeepSpeedStrategy")
-        assert printed["init_args"]["stage"] == (2 if "zero2" in overlay else 3)
+        assert printed["strategy"]["class_path"] == "cosytrain.tasks.deepspeed.CosyDeepSpeedStrategy"
+        assert printed["strategy"]["init_args"]["stage"] == (2 if "zero2" in overlay else 3)
+        assert printed["precision"] == "bf16-mixed" and printed["gradient_clip_val"] is None
 
 
 @pytest.fixture(scope="module")
@@ -171,3 +176,49 @@ def test_default_recipe_resumes_mid_epoch_exactly(tmp_path, demo_list):
     for tag in ("train/llm_loss", "train/flow_loss"):
         assert [s for s, _ in b[tag]] == [1, 2, 3, 4]
         assert b[tag] == a[tag], tag
+
+
+class BuggyPart(torch.nn.Module):
+    """A part whose constructor has a genuine bug (or raises a deliberate configuration error)."""
+
+    def __init__(self, kind: str = "type") -> None:
+        super().__init__()
+        if kind == "type":
+            len(5)  # TypeError: a bug, not a configuration mistake
+        if kind == "key":
+            {}["missing"]  # KeyError: a bug
+        if kind == "config":
+            from cosytrain.errors import ConfigurationError
+
+            raise ConfigurationError("kind='config' is not allowed here; set kind: none")
+
+
+def _buggy_args(cfg, kind: str) -> list[str]:
+    return ["fit", "--config", str(cfg), "--model.init_args.llm", "tests.tasks.test_cli.BuggyPart",
+            "--model.init_args.llm.init_args.kind", kind]
+
+
+@pytest.mark.parametrize("kind,error", [("type", TypeError), ("key", KeyError)])
+def test_a_bug_in_model_code_keeps_its_traceback(capsys, cfg, kind, error):
+    """A genuine bug raised while the model is built is not turned into a one-line config error: the
+    bug's own exception escapes (Python prints its traceback, exit code 1) with the frame that raised it."""
+    import traceback
+
+    with pytest.raises(error) as info:
+        main(_buggy_args(cfg, kind))
+    last = traceback.extract_tb(info.value.__traceback__)[-1]  # the line that raised it, in the part
+    assert last.filename == __file__ and last.name == "__init__"
+    assert last.line in ("len(5)  # TypeError: a bug, not a configuration mistake", '{}["missing"]  # KeyError: a bug')
+    assert not _stderr_lines(capsys)  # no one-line "cosytrain fit: ..." summary hiding it
+
+
+def test_configuration_error_in_model_code_is_one_line_and_traceback_on_request(capsys, cfg, monkeypatch):
+    assert main(_buggy_args(cfg, "config")) == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("cosytrain")]
+    assert lines == ["cosytrain fit: kind='config' is not allowed here; set kind: none"] and "Traceback" not in err
+    monkeypatch.setenv("COSYTRAIN_TRACEBACK", "1")
+    assert main(_buggy_args(cfg, "config")) == 2
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and 'raise ConfigurationError("kind=\'config\'' in err
+    assert err.strip().splitlines()[-1] == lines[0]

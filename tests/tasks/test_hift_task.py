@@ -206,6 +206,7 @@ def test_init_from_model_dir_and_upstream_hifigan_checkpoint(tmp_path):
     # a model dir's hift.pt: generator only, `generator.` prefix (a saved HiFiGan) is stripped
     torch.save({f"generator.{k}": v for k, v in upstream_hift.items()}, model_dir / "hift.pt")
     task = HiFTTask(tiny.build("hift", tiny.perturbed("hift", 1)).train(), small_disc(), init_from=str(model_dir))
+    task.load_init_from()  # what setup() runs unless the run resumes from a checkpoint
     for k, v in upstream_hift.items():
         assert torch.equal(task.hift.state_dict()[k], v)
 
@@ -216,6 +217,7 @@ def test_init_from_model_dir_and_upstream_hifigan_checkpoint(tmp_path):
     torch.save(hifigan, tmp_path / "hifigan.pt")
     task2 = HiFTTask(tiny.build("hift", tiny.perturbed("hift", 2)).train(), small_disc(),
                      init_from=str(tmp_path / "hifigan.pt"))
+    task2.load_init_from()
     for k, v in disc_state.items():
         assert torch.equal(task2.discriminator.state_dict()[k], v)
     for k, v in upstream_hift.items():
@@ -223,12 +225,13 @@ def test_init_from_model_dir_and_upstream_hifigan_checkpoint(tmp_path):
     # the same whole-HiFiGan file placed as a model directory's hift.pt: both halves load
     torch.save(hifigan, model_dir / "hift.pt")
     task3 = HiFTTask(tiny.build("hift", tiny.perturbed("hift", 3)).train(), small_disc(), init_from=str(model_dir))
+    task3.load_init_from()
     assert all(torch.equal(task3.discriminator.state_dict()[k], v) for k, v in disc_state.items())
     assert all(torch.equal(task3.hift.state_dict()[k], v) for k, v in upstream_hift.items())
 
     # shape mismatch: one line naming the keys
     with pytest.raises(ValueError) as err:
-        HiFTTask(small_hift(), small_disc(), init_from=str(model_dir))
+        HiFTTask(small_hift(), small_disc(), init_from=str(model_dir)).load_init_from()
     assert "\n" not in str(err.value) and "does not fit" in str(err.value)
 
 
@@ -274,7 +277,6 @@ def test_demo_recipe_trains_on_the_demo_corpus_through_the_cli(tmp_path, monkeyp
     """recipes/hift_demo.yaml through cosytrain's LightningCLI on a reduced demo corpus (the espeak corpus
     through DemoDataModule in vocoder mode): one FP16 step (trainer.precision taken over by the task) plus
     validation, with audio and mel images in TensorBoard."""
-    pytest.importorskip("espeakng_loader")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from cosytrain.tasks.lightning_cli import _cli_class
@@ -341,3 +343,97 @@ def test_official_vocoder_confs_match_upstream_manifests(conf, manifest, upstrea
     overrides = {"qwen_pretrain_path": "/nonexistent"} if upstream != "cosyvoice.yaml" else None
     tree = load_upstream_config(reference_dir() / "configs" / upstream, overrides)
     assert dataclasses.asdict(default_mel_loss_config(hift)) == tree["mel_spec_transform1"].kwargs
+
+
+def _flow_batch() -> dict:
+    batch = vocoder_batches(1)[0]
+    batch["speech_token"] = torch.randint(0, 16, (2, FRAMES // 2))  # ToyFlow: 2 frames per token
+    batch["speech_token_len"] = torch.full((2,), FRAMES // 2)
+    batch["embedding"] = torch.randn(2, 192)
+    return batch
+
+
+def test_frozen_flow_follows_the_module_device_in_validate():
+    """mel_source='flow' under `validate` (no on_fit_start): the frozen flow must be moved to the module's
+    device before its first mel, as in fit (before: only on_fit_start moved it, so a CUDA validate fed a
+    CPU flow with CUDA tensors). The spy records every move and checks each call's device against it."""
+    from tests.tasks._toy import ToyFlow
+
+    class SpySource(FlowMelSource):
+        moved_to = None
+
+        def to(self, device):
+            self.moved_to = torch.device(device)
+            return super().to(device)
+
+        def __call__(self, batch, device):
+            assert self.moved_to == torch.device(device), f"flow on {self.moved_to}, batch for {device}"
+            return super().__call__(batch, device)
+
+    task = make_task(precision="32-true")
+    source = SpySource(ToyFlow())
+    task.mel_source, task._flow_source = "flow", (source,)
+    data = VocoderData(num_batches=1)
+    data.items = [_flow_batch()]
+    data.val_dataloader = data.train_dataloader
+    out = build_trainer(logger=False, enable_checkpointing=False, **QUIET).validate(task, data)
+    assert source.moved_to == task.device and math.isfinite(out[0]["val/loss_mel"])
+
+
+def _bare_hift_file(tmp_path) -> str:
+    torch.manual_seed(3)
+    path = tmp_path / "hift.pt"
+    torch.save(small_hift().state_dict(), path)
+    return str(path)
+
+
+def test_yin_f0_is_refused_for_pretrained_weights_unless_allowed(tmp_path, monkeypatch):
+    """Without pyworld (simulated) the F0 targets would silently come from the YIN stand-in: fine-tuning
+    pretrained weights is refused in one line naming the flag and the extra; the flag allows it, and the
+    backend is logged (TensorBoard text + hparams + checkpoint)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from cosytrain.data import features
+    from cosytrain.errors import ConfigurationError
+
+    monkeypatch.setattr(features, "f0_backend_problem", lambda: "pyworld is not installed")
+    init = _bare_hift_file(tmp_path)
+    with pytest.raises(ConfigurationError) as err:
+        build_trainer(max_steps=1, logger=False, enable_checkpointing=False, **QUIET).fit(
+            make_task(init_from=init), VocoderData(num_batches=1))
+    message = str(err.value)
+    assert "\n" not in message and "allow_yin_f0_stand_in: true" in message and "cosytrain[vocoder]" in message
+    assert "pyworld is not installed" in message and init in message
+    # without pretrained weights (training from scratch) the stand-in is allowed, and said
+    run = tmp_path / "run"
+    task = make_task(init_from=init, allow_yin_f0_stand_in=True)
+    build_trainer(max_steps=1, default_root_dir=str(run), **QUIET).fit(task, VocoderData(num_batches=1))
+    assert task.f0_backend == "yin"
+    events = EventAccumulator(str(run), size_guidance={"tensors": 0})
+    events.Reload()
+    text = events.Tensors("data/f0_backend/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert text.startswith("yin stand-in")
+    assert "f0_backend: yin" in (run / "hparams.yaml").read_text()
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["hift_task"]["f0_backend"] == "yin"
+
+
+def test_pyworld_is_the_f0_backend_and_matches_upstreams_recipe():
+    """CI installs the vocoder extra (pyworld-prebuilt): compute_f0 is upstream's harvest (dio fallback) +
+    stonemask at one frame per hop, linearly resized to the mel frames."""
+    import numpy as np
+
+    from cosytrain.data import features
+    from tests.conftest import require_module
+
+    pw = require_module("pyworld", "pip install -e '.[vocoder]' (part of the test extra)")
+    assert features.f0_backend() == "pyworld" and features.f0_backend_problem() is None
+    sr, hop, frames = 22050, 256, 40
+    t = np.arange(frames * hop) / sr
+    wav = 0.3 * np.sin(2 * np.pi * (120 + 60 * t) * t) + 0.01 * np.random.default_rng(0).standard_normal(t.size)
+    got = features.compute_f0(torch.from_numpy(wav).float(), sr, hop, frames)
+    x = torch.from_numpy(wav).float().numpy().astype("double")  # the float32 round trip the pipeline makes
+    f0, times = pw.harvest(x, sr, frame_period=hop * 1000 / sr)
+    f0 = pw.stonemask(x, f0, times, sr)
+    want = torch.nn.functional.interpolate(torch.from_numpy(f0).view(1, 1, -1), size=frames, mode="linear").view(-1)
+    torch.testing.assert_close(got, want.float())
+    assert (got[5:-5] > 100).all() and (got[5:-5] < 200).all()

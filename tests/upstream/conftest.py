@@ -63,10 +63,25 @@ def tiny_exports(oracle: Oracle, tmp_path_factory: pytest.TempPathFactory, demo_
 
 
 @pytest.fixture(scope="session")
-def tiny_verdicts(oracle: Oracle, tiny_exports: dict[str, dict[str, Path]], prompt_wav: Path,
-                  tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
-    """``<gen>_<kind>`` -> upstream's verdict on that export, all from ONE oracle process."""
+def finetune_exports(tiny_exports: dict[str, dict[str, Path]], data_25hz: Path,
+                     tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """LoRA SFT and DPO (with LoRA) of the tiny v2 recipes on the v2 ``run`` export, exported (tests/_finetune_runs)."""
+    from tests import _finetune_runs
+
+    runs = tmp_path_factory.mktemp("finetune_runs")
+    base = tiny_exports["v2"]["run"]
+    return {"lora": _finetune_runs.lora_export(base, data_25hz, runs),
+            "dpo": _finetune_runs.dpo_export(base, data_25hz, runs)}
+
+
+@pytest.fixture(scope="session")
+def tiny_verdicts(oracle: Oracle, tiny_exports: dict[str, dict[str, Path]], finetune_exports: dict[str, Path],
+                  prompt_wav: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
+    """``<gen>_<kind>`` -> upstream's verdict on that export (and ``v2_lora``/``v2_dpo`` on the fine-tuned
+    ones), all from ONE oracle process."""
     dirs = [{"name": f"{gen}_{kind}", "path": str(path), "tokens": TOKENS[gen], "auto": True}
             for gen, kinds in tiny_exports.items() for kind, path in kinds.items() if not kind.startswith("_")]
+    dirs += [{"name": f"v2_{kind}", "path": str(path), "tokens": TOKENS["v2"], "auto": False}
+             for kind, path in finetune_exports.items()]
     return oracle.run("check_model_dirs", {"dirs": dirs, "prompt_wav": str(prompt_wav),
                                            "out_dir": str(tmp_path_factory.mktemp("oracle_wavs"))})

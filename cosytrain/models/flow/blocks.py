@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cosytrain.errors import ConfigurationError
 from cosytrain.models.transformer.precision import LayerNorm as FP32LayerNorm
 
 # Upstream (cosyvoice.utils.common.mask_to_bias) uses this constant; kept for FP32 bit-compatibility.
@@ -55,7 +56,7 @@ class SinusoidalPosEmb(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
         if dim % 2 != 0:
-            raise ValueError(f"SinusoidalPosEmb dim must be even, got {dim}")
+            raise ConfigurationError(f"SinusoidalPosEmb dim must be even, got {dim}")
         self.dim = dim
 
     def forward(self, x: torch.Tensor, scale: float = 1000) -> torch.Tensor:
@@ -85,7 +86,7 @@ def get_activation(name: str) -> nn.Module:
     try:
         return _ACTIVATIONS[name.lower()]()
     except KeyError:
-        raise ValueError(f"unknown activation {name!r}; use one of {sorted(_ACTIVATIONS)}") from None
+        raise ConfigurationError(f"unknown activation {name!r}; use one of {sorted(_ACTIVATIONS)}") from None
 
 
 class TimestepEmbedding(nn.Module):
@@ -213,7 +214,7 @@ class CausalConv1d(nn.Conv1d):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
                  dilation: int = 1, groups: int = 1, bias: bool = True):
         if stride != 1:
-            raise ValueError(f"CausalConv1d supports stride 1 only, got {stride}")
+            raise ConfigurationError(f"CausalConv1d supports stride 1 only, got {stride}")
         super().__init__(in_channels, out_channels, kernel_size, stride, padding=0, dilation=dilation,
                          groups=groups, bias=bias)
         self.causal_padding = (kernel_size - 1) * dilation

@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from cosytrain.errors import ConfigurationError
 from cosytrain.models.flow.blocks import (
     Block1D,
     CausalBlock1D,
@@ -47,7 +48,7 @@ class ConditionalDecoder(nn.Module):
         super().__init__()
         channels = tuple(channels)
         if not channels:
-            raise ValueError("ConditionalDecoder needs at least one entry in channels, e.g. [256, 256]")
+            raise ConfigurationError("ConditionalDecoder needs at least one entry in channels, e.g. [256, 256]")
         self.in_channels = in_channels
         self.out_channels = out_channels
         self._block_args = dict(num_heads=num_heads, attention_head_dim=attention_head_dim, dropout=dropout,
@@ -234,6 +235,7 @@ class CausalConditionalDecoder(ConditionalDecoder):
         if not streaming:
             return super().attention_mask(x, mask, streaming)
         if self.static_chunk_size <= 0:
-            raise ValueError("streaming needs static_chunk_size > 0 in the decoder config (upstream: chunk_size * 2)")
+            raise ConfigurationError("streaming needs static_chunk_size > 0 in the decoder config (upstream:"
+                                     " chunk_size * 2)")
         return add_optional_chunk_mask(x, mask.bool(), False, False, 0, self.static_chunk_size,
                                        self.num_decoding_left_chunks)

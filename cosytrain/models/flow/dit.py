@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cosytrain.errors import ConfigurationError
 from cosytrain.models.flow.blocks import SinusoidalPosEmb
 from cosytrain.models.transformer.mask import add_optional_chunk_mask
 from cosytrain.models.transformer.precision import LayerNorm, autocast_active
@@ -36,7 +37,7 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, dim: int, base: float = 10000.0, interpolation_factor: float = 1.0):
         super().__init__()
         if dim % 2 != 0:
-            raise ValueError(f"rotary dim_head must be even, got {dim}")
+            raise ConfigurationError(f"rotary dim_head must be even, got {dim}")
         self.interpolation_factor = interpolation_factor
         inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2).float() / dim))
         self.register_buffer("inv_freq", inv_freq)
@@ -72,9 +73,10 @@ class CausalConvPositionEmbedding(nn.Module):
     def __init__(self, dim: int, kernel_size: int = 31, groups: int = 16):
         super().__init__()
         if kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be odd, got {kernel_size}")
+            raise ConfigurationError(f"kernel_size must be odd, got {kernel_size}")
         if dim % groups != 0:
-            raise ValueError(f"DiT dim must be a multiple of {groups} (grouped conv position embedding), got {dim}")
+            raise ConfigurationError(f"DiT dim must be a multiple of {groups} (grouped conv position embedding), got"
+                                     f" {dim}")
         self.kernel_size = kernel_size
         self.conv1 = nn.Sequential(nn.Conv1d(dim, dim, kernel_size, groups=groups, padding=0), nn.Mish())
         self.conv2 = nn.Sequential(nn.Conv1d(dim, dim, kernel_size, groups=groups, padding=0), nn.Mish())
@@ -106,7 +108,7 @@ class InputEmbedding(nn.Module):
         parts = [x, cond, text_embed]
         if self.spk_dim > 0:
             if spks is None:
-                raise ValueError("this DiT was built with spk_dim > 0 and needs a speaker embedding (spks)")
+                raise ConfigurationError("this DiT was built with spk_dim > 0 and needs a speaker embedding (spks)")
             parts.append(spks.unsqueeze(1).expand(-1, x.shape[1], -1))
         x = self.proj(torch.cat(parts, dim=-1))
         return self.conv_pos_embed(x) + x
@@ -275,7 +277,8 @@ class DiT(nn.Module):
         """Bool (B, 1, T, T): chunk-causal when streaming, else every valid key (empty rows all True)."""
         if streaming:
             if self.static_chunk_size <= 0:
-                raise ValueError("streaming needs static_chunk_size > 0 in the DiT config (upstream: chunk_size * 2)")
+                raise ConfigurationError("streaming needs static_chunk_size > 0 in the DiT config (upstream:"
+                                         " chunk_size * 2)")
             return add_optional_chunk_mask(x, mask.bool(), False, False, 0, self.static_chunk_size, -1).unsqueeze(1)
         return add_optional_chunk_mask(x, mask.bool(), False, False, 0, 0, -1).repeat(1, x.size(1), 1).unsqueeze(1)
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cosytrain.errors import ConfigurationError
 from cosytrain.models.transformer.mask import make_pad_mask
 
 _DEFAULT_CFM_PARAMS = {'sigma_min': 1e-06, 'solver': 'euler', 't_scheduler': 'cosine',
@@ -78,8 +79,8 @@ class MaskedDiffWithXvec(nn.Module):
     ):
         super().__init__()
         if encoder is None or length_regulator is None or decoder is None:
-            raise ValueError("MaskedDiffWithXvec needs encoder, length_regulator and decoder modules "
-                             "(build them from the flow section of the config)")
+            raise ConfigurationError("MaskedDiffWithXvec needs encoder, length_regulator and decoder modules "
+                                     "(build them from the flow section of the config)")
         self.input_size = input_size
         self.output_size = output_size
         self.decoder_conf = decoder_conf if decoder_conf is not None else _DEFAULT_DECODER_CONF
@@ -309,8 +310,8 @@ class CausalMaskedDiffWithXvec(_CausalFlowBase):
     ):
         super().__init__()
         if encoder is None or decoder is None:
-            raise ValueError("CausalMaskedDiffWithXvec needs encoder and decoder modules "
-                             "(build them from the flow section of the config)")
+            raise ConfigurationError("CausalMaskedDiffWithXvec needs encoder and decoder modules "
+                                     "(build them from the flow section of the config)")
         self._init_common(input_size, output_size, spk_embed_dim, output_type, vocab_size, input_frame_rate,
                           only_mask_loss, token_mel_ratio, pre_lookahead_len, decoder_conf)
         self.encoder = encoder
@@ -345,8 +346,8 @@ class CausalMaskedDiffWithDiT(_CausalFlowBase):
     ):
         super().__init__()
         if pre_lookahead_layer is None or decoder is None:
-            raise ValueError("CausalMaskedDiffWithDiT needs pre_lookahead_layer and decoder modules "
-                             "(build them from the flow section of the config)")
+            raise ConfigurationError("CausalMaskedDiffWithDiT needs pre_lookahead_layer and decoder modules "
+                                     "(build them from the flow section of the config)")
         self._init_common(input_size, output_size, spk_embed_dim, output_type, vocab_size, input_frame_rate,
                           only_mask_loss, token_mel_ratio, pre_lookahead_len, decoder_conf)
         self.pre_lookahead_layer = pre_lookahead_layer

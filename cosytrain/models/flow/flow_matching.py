@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cosytrain.errors import ConfigurationError
+
 
 def cfm_param(cfm_params: Any, name: str, default: Any = None) -> Any:
     """Read ``name`` from a dict/Mapping or an attribute-style object (omegaconf ``DictConfig``)."""
@@ -28,7 +30,7 @@ def cfm_param(cfm_params: Any, name: str, default: Any = None) -> Any:
     else:
         value = getattr(cfm_params, name, default)
     if value is None and default is None:
-        raise KeyError(f"cfm_params has no {name!r}; add it to decoder.cfm_params in the config")
+        raise ConfigurationError(f"cfm_params has no {name!r}; add it to decoder.cfm_params in the config")
     return value
 
 
@@ -43,7 +45,8 @@ class ConditionalCFM(nn.Module):
         self.spk_emb_dim = spk_emb_dim
         self.solver = cfm_param(cfm_params, "solver", "euler")
         if self.solver != "euler":
-            raise ValueError(f"cfm_params.solver={self.solver!r} is not supported; upstream only implements 'euler'")
+            raise ConfigurationError(f"cfm_params.solver={self.solver!r} is not supported; upstream only implements"
+                                     f" 'euler'")
         self.sigma_min = float(cfm_param(cfm_params, "sigma_min", 1e-4))
         self.t_scheduler = cfm_param(cfm_params, "t_scheduler", "linear")
         self.training_cfg_rate = float(cfm_param(cfm_params, "training_cfg_rate", 0.0))

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cosytrain.errors import ConfigurationError
+
 
 class PreLookaheadLayer(nn.Module):
     """``conv1``: in -> channels, kernel ``pre_lookahead_len + 1``; ``conv2``: channels -> in, kernel 3.
@@ -26,7 +28,7 @@ class PreLookaheadLayer(nn.Module):
     def __init__(self, in_channels: int, channels: int, pre_lookahead_len: int = 1):
         super().__init__()
         if pre_lookahead_len < 0:
-            raise ValueError(f"pre_lookahead_len must be >= 0, got {pre_lookahead_len}")
+            raise ConfigurationError(f"pre_lookahead_len must be >= 0, got {pre_lookahead_len}")
         self.in_channels = in_channels
         self.channels = channels
         self.pre_lookahead_len = pre_lookahead_len

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cosytrain.errors import ConfigurationError
 from cosytrain.models.flow.blocks import bias_for
 
 __all__ = ["Attention", "GELU", "GEGLU", "ApproximateGELU", "SnakeBeta", "FeedForward", "BasicTransformerBlock"]
@@ -152,7 +153,7 @@ def _ff_activation(name: str, dim: int, inner_dim: int) -> nn.Module:
     if name == "snakebeta":
         return SnakeBeta(dim, inner_dim)
     # upstream's ConditionalDecoder default 'snake' is not handled by Matcha's FeedForward either
-    raise ValueError(
+    raise ConfigurationError(
         f"unknown feed-forward activation {name!r}; use gelu, gelu-approximate, geglu, geglu-approximate "
         "or snakebeta (upstream configs use act_fn: 'gelu')"
     )
@@ -203,7 +204,7 @@ class BasicTransformerBlock(nn.Module):
     ):
         super().__init__()
         if norm_type != "layer_norm" or num_embeds_ada_norm is not None:
-            raise ValueError(f"BasicTransformerBlock supports norm_type='layer_norm' only, got {norm_type!r}")
+            raise ConfigurationError(f"BasicTransformerBlock supports norm_type='layer_norm' only, got {norm_type!r}")
         self.only_cross_attention = only_cross_attention
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=norm_elementwise_affine)
         self.attn1 = self.make_self_attention(dim, num_attention_heads, attention_head_dim, dropout, attention_bias,

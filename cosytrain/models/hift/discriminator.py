@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cosytrain.errors import ConfigurationError
 from cosytrain.models.hift.layers import fp32_region, get_padding
 from cosytrain.models.hift.weight_norm import weight_norm
 
@@ -86,7 +87,7 @@ class DiscriminatorP(nn.Module):
                  channels: Sequence[int] = (32, 128, 512, 1024, 1024)) -> None:
         super().__init__()
         if len(channels) != 5:
-            raise ValueError(f"DiscriminatorP: channels needs 5 entries (one per conv), got {list(channels)}")
+            raise ConfigurationError(f"DiscriminatorP: channels needs 5 entries (one per conv), got {list(channels)}")
         self.period = int(period)
         pad = (get_padding(5, 1), 0)  # upstream pads for kernel 5 whatever kernel_size is
         ins = [1] + list(channels[:-1])
@@ -153,7 +154,7 @@ class SpecDiscriminator(nn.Module):
                  window: str = "hann_window", channels: int = 32) -> None:
         super().__init__()
         if window not in ("hann_window", "hamming_window", "blackman_window", "bartlett_window"):
-            raise ValueError(f"SpecDiscriminator: window {window!r} is not a torch window function name")
+            raise ConfigurationError(f"SpecDiscriminator: window {window!r} is not a torch window function name")
         self.fft_size = fft_size
         self.shift_size = shift_size
         self.win_length = win_length
@@ -192,7 +193,8 @@ class MultiResSpecDiscriminator(nn.Module):
                  channels: int = 32) -> None:
         super().__init__()
         if not len(fft_sizes) == len(hop_sizes) == len(win_lengths):
-            raise ValueError("MultiResSpecDiscriminator: fft_sizes, hop_sizes and win_lengths need equal lengths")
+            raise ConfigurationError("MultiResSpecDiscriminator: fft_sizes, hop_sizes and win_lengths need equal"
+                                     " lengths")
         self.discriminators = nn.ModuleList([
             SpecDiscriminator(f, h, w, window, channels=channels) for f, h, w in zip(fft_sizes, hop_sizes, win_lengths)
         ])

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cosytrain.errors import ConfigurationError
 from cosytrain.models.hift.layers import (
     CausalConv1d,
     CausalConv1dDownSample,
@@ -106,12 +107,14 @@ class HiFTGenerator(nn.Module):
                      source_resblock_kernel_sizes, source_resblock_dilation_sizes, lrelu_slope, audio_limit,
                      causal: bool) -> None:
         if "n_fft" not in istft_params or "hop_len" not in istft_params:
-            raise ValueError(f"HiFTGenerator: istft_params needs 'n_fft' and 'hop_len', got {dict(istft_params)}")
+            raise ConfigurationError(f"HiFTGenerator: istft_params needs 'n_fft' and 'hop_len', got"
+                                     f" {dict(istft_params)}")
         if len(upsample_rates) != len(upsample_kernel_sizes):
-            raise ValueError("HiFTGenerator: upsample_rates and upsample_kernel_sizes must have the same length")
+            raise ConfigurationError("HiFTGenerator: upsample_rates and upsample_kernel_sizes must have the same"
+                                     " length")
         if len(source_resblock_kernel_sizes) != len(upsample_rates) or len(source_resblock_dilation_sizes) != len(upsample_rates):
-            raise ValueError(f"HiFTGenerator: need one source resblock per upsample stage ({len(upsample_rates)}), "
-                             f"got {len(source_resblock_kernel_sizes)} kernel sizes")
+            raise ConfigurationError(f"HiFTGenerator: need one source resblock per upsample stage"
+                                     f" ({len(upsample_rates)}), got {len(source_resblock_kernel_sizes)} kernel sizes")
         self.out_channels = 1
         self.nb_harmonics = nb_harmonics
         self.sampling_rate = sampling_rate

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cosytrain.errors import ConfigurationError
 from cosytrain.models.hift.weight_norm import weight_norm
 
 
@@ -63,9 +64,9 @@ class CausalConv1d(nn.Conv1d):
                  dilation: int = 1, groups: int = 1, bias: bool = True,
                  causal_type: Literal["left", "right"] = "left") -> None:
         if stride != 1:
-            raise ValueError(f"CausalConv1d: stride must be 1, got {stride}; use CausalConv1dDownSample")
+            raise ConfigurationError(f"CausalConv1d: stride must be 1, got {stride}; use CausalConv1dDownSample")
         if causal_type not in ("left", "right"):
-            raise ValueError(f"CausalConv1d: causal_type must be 'left' or 'right', got {causal_type!r}")
+            raise ConfigurationError(f"CausalConv1d: causal_type must be 'left' or 'right', got {causal_type!r}")
         super().__init__(in_channels, out_channels, kernel_size, stride=1, padding=0,
                          dilation=dilation, groups=groups, bias=bias)
         self.causal_padding = int((kernel_size * dilation - dilation) / 2) * 2 + (kernel_size + 1) % 2
@@ -84,7 +85,8 @@ class CausalConv1dDownSample(nn.Conv1d):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int,
                  bias: bool = True) -> None:
         if stride == 1 or kernel_size % stride != 0:
-            raise ValueError(f"CausalConv1dDownSample: need stride > 1 dividing kernel_size, got k={kernel_size}, s={stride}")
+            raise ConfigurationError(f"CausalConv1dDownSample: need stride > 1 dividing kernel_size, got"
+                                     f" k={kernel_size}, s={stride}")
         super().__init__(in_channels, out_channels, kernel_size, stride, padding=0, bias=bias)
         self.causal_padding = stride - 1
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributions.uniform import Uniform
 
+from cosytrain.errors import ConfigurationError
 from cosytrain.models.hift.layers import fp32_region
 
 #: Length of v3's fixed noise tables: 300 s at 24 kHz (upstream hard-codes both numbers).
@@ -88,7 +89,8 @@ class SineGen2(nn.Module):
         self.causal = causal
         if causal:
             if harmonic_num != 8:
-                raise ValueError(f"SineGen2(causal=True): upstream's fixed noise has 9 columns, so nb_harmonics must be 8, got {harmonic_num}")
+                raise ConfigurationError(f"SineGen2(causal=True): upstream's fixed noise has 9 columns, so"
+                                         f" nb_harmonics must be 8, got {harmonic_num}")
             rand_ini = torch.rand(1, 9)
             rand_ini[:, 0] = 0
             self.register_buffer("rand_ini", rand_ini, persistent=False)

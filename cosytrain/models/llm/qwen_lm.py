@@ -24,6 +24,8 @@ from cosytrain.models.llm.transformer_lm import TransformerLM
 from cosytrain.models.transformer.label_smoothing_loss import LabelSmoothingLoss
 from cosytrain.models.transformer.mask import make_pad_mask
 
+from cosytrain.errors import ConfigurationError
+
 logger = logging.getLogger(__name__)
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -122,7 +124,7 @@ class Qwen2LM(TransformerLM):
         self.speech_embedding = nn.Embedding(self.num_classes, llm_input_size)
         self.sampling = sampling
         if len(mix_ratio) != 2 or min(mix_ratio) <= 0:
-            raise ValueError(f"mix_ratio must be two positive ints [text, speech], got {mix_ratio!r}")
+            raise ConfigurationError(f"mix_ratio must be two positive ints [text, speech], got {mix_ratio!r}")
         self.mix_ratio = [int(mix_ratio[0]), int(mix_ratio[1])]
         # every class >= speech_token_size ends unistream generation (upstream's vllm stop ids)
         self.stop_token_ids = [speech_token_size + i for i in range(self.num_special)]
@@ -224,6 +226,13 @@ class Qwen2LM(TransformerLM):
 
     def forward(self, batch: dict, device: torch.device) -> Dict[str, Optional[torch.Tensor]]:
         """Teacher-forced loss/acc on a padded batch (upstream keys; ``embedding`` is unused)."""
+        logits, lm_target = self.logits_and_target(batch, device)
+        loss = self.criterion_ce(logits, lm_target)  # log-softmax in float32 inside
+        acc = th_accuracy(logits.view(-1, self.num_classes), lm_target, ignore_label=IGNORE_ID)
+        return {"loss": loss, "acc": acc}
+
+    def logits_and_target(self, batch: dict, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The training layout's logits (B, T, classes) and targets (B, T; IGNORE_ID where none)."""
         text_token = batch["text_token"].to(device)
         text_token_len = batch["text_token_len"].to(device)
         speech_token = batch["speech_token"].to(device)
@@ -238,12 +247,8 @@ class Qwen2LM(TransformerLM):
             speech_token, speech_token_emb, speech_token_len,
             instruct_token, instruct_token_emb, instruct_token_len,
         )
-        lm_target = lm_target.to(device)
         lm_output, _ = self.llm(lm_input, lm_input_len.to(device))
-        logits = self.llm_decoder(lm_output)
-        loss = self.criterion_ce(logits, lm_target)  # log-softmax in float32 inside
-        acc = th_accuracy(logits.view(-1, self.num_classes), lm_target, ignore_label=IGNORE_ID)
-        return {"loss": loss, "acc": acc}
+        return self.llm_decoder(lm_output), lm_target.to(device)
 
     # ------------------------------------------------------------------ inference
     def _prefix(self, instruct_token: Optional[torch.Tensor]) -> torch.Tensor:

@@ -101,6 +101,13 @@ class TransformerLM(nn.Module):
 
     def forward(self, batch: dict, device: torch.device) -> Dict[str, Optional[torch.Tensor]]:
         """Teacher-forced loss on a padded batch (upstream batch keys); returns loss and acc."""
+        logits, lm_target = self.logits_and_target(batch, device)
+        loss = self.criterion_ce(logits, lm_target)
+        acc = th_accuracy(logits.view(-1, self.speech_token_size + 1), lm_target, ignore_label=IGNORE_ID)
+        return {"loss": loss, "acc": acc}
+
+    def logits_and_target(self, batch: dict, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The training layout's logits (B, T, classes) and targets (B, T; IGNORE_ID where none)."""
         text_token = batch["text_token"].to(device)
         text_token_len = batch["text_token_len"].to(device)
         speech_token = batch["speech_token"].to(device)
@@ -128,10 +135,7 @@ class TransformerLM(nn.Module):
             sos_emb, embedding, text_emb, text_token_len, task_id_emb, speech_emb, speech_token_len
         )
         lm_output, _ = self.llm(lm_input, lm_input_len.to(device))
-        logits = self.llm_decoder(lm_output)
-        loss = self.criterion_ce(logits, lm_target)
-        acc = th_accuracy(logits.view(-1, self.speech_token_size + 1), lm_target, ignore_label=IGNORE_ID)
-        return {"loss": loss, "acc": acc}
+        return self.llm_decoder(lm_output), lm_target
 
     def sampling_ids(
         self, weighted_scores: torch.Tensor, decoded_tokens: List[int], sampling: int, ignore_eos: bool = True

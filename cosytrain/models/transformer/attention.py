@@ -15,6 +15,8 @@ from typing import Tuple
 import torch
 from torch import nn
 
+from cosytrain.errors import ConfigurationError
+
 
 def _fake_mask() -> torch.Tensor:
     return torch.ones((0, 0, 0), dtype=torch.bool)
@@ -34,7 +36,8 @@ class MultiHeadedAttention(nn.Module):
     def __init__(self, n_head: int, n_feat: int, dropout_rate: float, key_bias: bool = True):
         super().__init__()
         if n_feat % n_head != 0:
-            raise ValueError(f"attention width {n_feat} is not divisible by {n_head} heads; change attention_heads")
+            raise ConfigurationError(f"attention width {n_feat} is not divisible by {n_head} heads; change"
+                                     f" attention_heads")
         self.d_k = n_feat // n_head
         self.h = n_head
         self.linear_q = nn.Linear(n_feat, n_feat)

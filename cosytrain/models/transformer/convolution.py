@@ -9,6 +9,8 @@ from torch import nn
 
 from .precision import LayerNorm, autocast_active
 
+from cosytrain.errors import ConfigurationError
+
 
 class ConvolutionModule(nn.Module):
     """pointwise conv -> GLU -> depthwise conv -> norm -> activation -> pointwise conv.
@@ -33,14 +35,14 @@ class ConvolutionModule(nn.Module):
             self.lorder = kernel_size - 1
         else:
             if (kernel_size - 1) % 2 != 0:
-                raise ValueError(f"cnn_module_kernel must be odd for a non-causal conv, got {kernel_size}")
+                raise ConfigurationError(f"cnn_module_kernel must be odd for a non-causal conv, got {kernel_size}")
             padding = (kernel_size - 1) // 2
             self.lorder = 0
         self.depthwise_conv = nn.Conv1d(
             channels, channels, kernel_size, stride=1, padding=padding, groups=channels, bias=bias
         )
         if norm not in ("batch_norm", "layer_norm"):
-            raise ValueError(f"cnn_module_norm must be 'batch_norm' or 'layer_norm', got {norm!r}")
+            raise ConfigurationError(f"cnn_module_norm must be 'batch_norm' or 'layer_norm', got {norm!r}")
         self.use_layer_norm = norm == "layer_norm"
         self.norm = LayerNorm(channels) if self.use_layer_norm else nn.BatchNorm1d(channels)
         self.pointwise_conv2 = nn.Conv1d(channels, channels, kernel_size=1, stride=1, padding=0, bias=bias)

@@ -24,6 +24,8 @@ from .registry import (
     lookup,
 )
 
+from cosytrain.errors import ConfigurationError
+
 
 class BaseEncoder(torch.nn.Module):
     """Input layer + positional encoding + a stack of ``encoders`` + ``after_norm``.
@@ -166,9 +168,9 @@ class BaseEncoder(torch.nn.Module):
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Streaming-style encode of xs (1, T, D), ``decoding_chunk_size`` frames at a time."""
         if decoding_chunk_size <= 0:
-            raise ValueError("decoding_chunk_size must be > 0 for chunk-by-chunk decoding")
+            raise ConfigurationError("decoding_chunk_size must be > 0 for chunk-by-chunk decoding")
         if not (self.static_chunk_size > 0 or self.use_dynamic_chunk):
-            raise ValueError("chunk-by-chunk decoding needs an encoder trained with static or dynamic chunks")
+            raise ConfigurationError("chunk-by-chunk decoding needs an encoder trained with static or dynamic chunks")
         subsampling = self.embed.subsampling_rate
         context = self.embed.right_context + 1
         stride = subsampling * decoding_chunk_size

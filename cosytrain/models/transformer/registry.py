@@ -26,6 +26,8 @@ from .subsampling import (
     LinearNoSubsampling,
 )
 
+from cosytrain.errors import ConfigurationError
+
 COSYVOICE_ACTIVATION_CLASSES: Dict[str, Type[torch.nn.Module]] = {
     "hardtanh": torch.nn.Hardtanh,
     "tanh": torch.nn.Tanh,
@@ -64,4 +66,4 @@ def lookup(table: Dict[str, Type[torch.nn.Module]], name: str, what: str) -> Typ
     try:
         return table[name]
     except KeyError:
-        raise ValueError(f"unknown {what} {name!r}; use one of {sorted(table)}") from None
+        raise ConfigurationError(f"unknown {what} {name!r}; use one of {sorted(table)}") from None

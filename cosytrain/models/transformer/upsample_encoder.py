@@ -31,6 +31,8 @@ from .registry import (
     lookup,
 )
 
+from cosytrain.errors import ConfigurationError
+
 # Upstream builds PreLookaheadLayer(512, 512, 3) and Upsample1D(512, 512, 2) whatever output_size is.
 UPSTREAM_WIDTH = 512
 UPSTREAM_LOOKAHEAD = 3
@@ -93,8 +95,9 @@ class UpsampleConformerEncoder(nn.Module):
     ):
         super().__init__()
         if output_size != UPSTREAM_WIDTH:
-            raise ValueError(f"UpsampleConformerEncoder output_size must be {UPSTREAM_WIDTH}: upstream hard-codes "
-                             f"its look-ahead and upsampling layers to that width (got {output_size})")
+            raise ConfigurationError(f"UpsampleConformerEncoder output_size must be {UPSTREAM_WIDTH}: upstream"
+                                     " hard-codes its look-ahead and upsampling layers to that width"
+                                     f" (got {output_size})")
         self._output_size = output_size
         self.global_cmvn = global_cmvn
         pos_enc = lookup(COSYVOICE_EMB_CLASSES, pos_enc_layer_type, "pos_enc_layer_type")
