@@ -79,10 +79,11 @@ def _auto(path: Path, prompt_wav: str, out_dir: Path, name: str, modes: list[str
     # max_len (2 and 20 speech tokens per text token); with "Hi." v3 stopped at 6 tokens, too short for its
     # flow/vocoder convolutions ("Kernel size can't be greater than actual input size")
     text = "Hi there."
-    runs = {"sft": lambda: model.inference_sft(text, result["speakers"][0], stream=False),
-            "zero_shot": lambda: model.inference_zero_shot(
-                text, ("You are a helpful assistant.<|endofprompt|>" if result["class"] == "CosyVoice3" else "")
-                + "A short prompt.", prompt_wav, stream=False)}
+    # CosyVoice3's llm asserts <|endofprompt|> in the text or prompt text (upstream's examples carry it); the
+    # assertion dies in upstream's llm thread, so without it inference_sft fails later, in the flow, on zero tokens
+    system = "You are a helpful assistant.<|endofprompt|>" if result["class"] == "CosyVoice3" else ""
+    runs = {"sft": lambda: model.inference_sft(system + text, result["speakers"][0], stream=False),
+            "zero_shot": lambda: model.inference_zero_shot(text, system + "A short prompt.", prompt_wav, stream=False)}
     for mode, call in ((m, runs[m]) for m in modes):
         t0 = time.perf_counter()
         with torch.no_grad():
