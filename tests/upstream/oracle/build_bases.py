@@ -54,6 +54,10 @@ def byte_level_tokenizer(folder: Path) -> None:
     from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode
 
     vocab = {ch: i for i, ch in enumerate(bytes_to_unicode().values())}
+    # Qwen's 151643 regular entries (unreachable fillers past the 256 bytes: no merges make them), so that
+    # <|endoftext|>, <|im_start|>, <|im_end|> get Qwen's ids 151643-151645 and the special tokens upstream's
+    # tokenizer adds land on the released ids (CosyVoice3's llm asserts <|endofprompt|> == 151646)
+    vocab.update({f"<unused_{i}>": i for i in range(len(vocab), QWEN25_05B["bos_token_id"])})
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
