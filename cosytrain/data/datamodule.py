@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Any, Optional
@@ -19,7 +20,8 @@ from typing import Any, Optional
 import lightning.pytorch as pl
 
 from cosytrain.data.dataset import (CosyIterableDataset, CosyLoader, ResumableCosyLoader, StreamOptions,
-                                    read_data_list, shard_facts)
+                                    read_data_list)
+from cosytrain.data.index import ShardIndex
 from cosytrain.data.pipeline import DataError, FeatureConfig, FilterConfig
 
 log = logging.getLogger(__name__)
@@ -55,9 +57,15 @@ class CosyDataModule(pl.LightningDataModule):
         vocoder: hift training: random ``truncate_length`` crops, adds ``speech``/``pitch_feat``.
         truncate_length: vocoder crop length in samples (a multiple of ``hop_size``).
         even_batches: ``pad`` (ranks with fewer batches repeat some) or ``drop`` (cut to fewest).
-        index_cache_dir: folder for per-shard facts (lengths, checks), so only the first run (and only
-            rank 0) decodes every row to plan batches; ``auto`` = ``$COSYTRAIN_HOME/index_cache`` (else
-            ``~/.cache/cosytrain/index_cache``), keyed by shard path, size and mtime; None disables it.
+        index_cache_dir: folder for per-shard facts (lengths, checks) and text-token lengths per tokenizer,
+            keyed by shard path, size and mtime, so only the first launch indexes (ranks split that work
+            through this folder: on several nodes put it on a file system they share); ``auto`` =
+            ``$COSYTRAIN_HOME/index_cache`` (else ``~/.cache/cosytrain/index_cache``); None disables it.
+        index_workers: processes per rank that index shards on the first launch; None = the CPUs of the
+            node divided by its ranks (at most 8). Shards written by ``prepare`` need little of this
+            (their facts are columns); shards from upstream's tools are scanned.
+        row_cache_mb: decoded rows a rank keeps in memory while streaming (split between its loader
+            workers); rows still to be used in the epoch are kept, the one needed last is evicted.
         min_sample_rate: audio below this rate is skipped rather than upsampled (upstream 16000).
     """
 
@@ -101,6 +109,8 @@ class CosyDataModule(pl.LightningDataModule):
         even_batches: str = "pad",
         index_cache_dir: Optional[str] = "auto",
         min_sample_rate: int = 16000,
+        index_workers: Optional[int] = None,
+        row_cache_mb: int = 256,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -114,6 +124,11 @@ class CosyDataModule(pl.LightningDataModule):
 
             index_cache_dir = str(cache_home() / "index_cache")
         self.index_cache_dir = index_cache_dir
+        if index_workers is not None and index_workers < 1:
+            raise DataError(f"index_workers must be >= 1 (or None for automatic), got {index_workers}")
+        if row_cache_mb < 1:
+            raise DataError(f"row_cache_mb must be >= 1, got {row_cache_mb}")
+        self.index_workers, self.row_cache_mb = index_workers, int(row_cache_mb)
         feat = FeatureConfig(sample_rate=sample_rate, n_fft=n_fft, num_mels=num_mels, hop_size=hop_size,
                              win_size=win_size, fmin=fmin, fmax=fmax, center=center, min_sample_rate=min_sample_rate,
                              num_frames=num_frames, token_mel_ratio=token_mel_ratio, vocoder=vocoder,
@@ -145,21 +160,37 @@ class CosyDataModule(pl.LightningDataModule):
         return [(name, path) for name, path in (("train", self.train_data), ("val", self.val_data)) if path]
 
     def prepare_data(self) -> None:
-        """Rank 0 fills the shard-facts cache so the other ranks only read it in ``setup``."""
-        if self.index_cache_dir is None:
-            return
-        for _, path in self._lists():
-            for shard in read_data_list(path):
-                shard_facts(shard, self.index_cache_dir)
+        """Nothing: indexing happens in ``setup`` on every rank, each taking its share of the shards,
+        so no rank waits at Lightning's barrier (which times out) while rank 0 indexes a big corpus."""
+
+    def _rank_and_world(self) -> tuple[int, int]:
+        if self._rank is not None:
+            return self._rank
+        if self.trainer is not None:
+            return int(self.trainer.global_rank), int(self.trainer.world_size)
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
+    def _index_workers(self) -> int:
+        if self.index_workers is not None:
+            return int(self.index_workers)
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or (
+            int(self.trainer.num_devices) if self.trainer is not None else 1)
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(1, min(8, cpus // max(1, local)))
 
     def _dataset(self, path: str, shuffle: bool) -> CosyIterableDataset:
         opts = self.options if shuffle else dataclasses.replace(self.options, shuffle=False)
-        ds = CosyIterableDataset(read_data_list(path), opts, self.index_cache_dir, source=path)
-        rank = self._rank
-        if rank is None and self.trainer is not None:
-            rank = (self.trainer.global_rank, self.trainer.world_size)
-        if rank is not None:
-            ds.set_rank(*rank)
+        rank, world = self._rank_and_world()
+        shards = read_data_list(path)
+        index = ShardIndex.build(shards, opts, self.index_cache_dir, source=path, rank=rank, world_size=world,
+                                 workers=self._index_workers())
+        ds = CosyIterableDataset(shards, opts, source=path, index=index, row_cache_bytes=self.row_cache_mb << 20)
+        if self._rank is not None or self.trainer is not None:
+            ds.set_rank(rank, world)
         return ds
 
     def setup(self, stage: Optional[str] = None) -> None:

@@ -72,6 +72,7 @@ class PrepareConfig:
     min_sample_rate: int = 16000
     encoding: str = "utf-8"  # of the corpus' text files (UTF-16 with a BOM is detected)
     onnx_batch_size: int = 8
+    speech_tokenizer_device: str | None = None  # e.g. 'cuda': s3tokenizer's PyTorch model instead of onnxruntime
     seed: int = 0
     max_fit_frames: int = 100_000
     progress: bool = True
@@ -125,15 +126,16 @@ def load_checked(u: Utterance, min_duration: float, max_duration: float,
 _WORKER: dict[tuple, Any] = {}
 
 
-def _frontends(tokenizer_spec: str, embedder_spec: str, onnx_batch_size: int) -> tuple[Any, Any]:
+def _frontends(tokenizer_spec: str, embedder_spec: str, onnx_batch_size: int,
+               device: str | None = None) -> tuple[Any, Any]:
     """Front-ends built once per process (ONNX sessions cannot cross process boundaries)."""
-    key = (tokenizer_spec, embedder_spec, onnx_batch_size)
+    key = (tokenizer_spec, embedder_spec, onnx_batch_size, device)
     if key not in _WORKER:
         from cosytrain.data.speaker_embedding import load_speaker_embedder
         from cosytrain.data.speech_tokenizer import load_speech_tokenizer
 
         _WORKER.clear()
-        _WORKER[key] = (load_speech_tokenizer(tokenizer_spec, onnx_batch_size),
+        _WORKER[key] = (load_speech_tokenizer(tokenizer_spec, onnx_batch_size, device),
                         load_speaker_embedder(embedder_spec, onnx_batch_size))
     return _WORKER[key]
 
@@ -199,14 +201,14 @@ def _analyse_shard(args: tuple[int, list[Utterance], dict, tuple]) -> tuple[int,
         a16 = [to_16k(a, sr) for _, a, sr, _, _ in batch]
         tokens = tok.tokenize_batch(a16)
         embs = emb.embed_batch(a16)
-        for (u, _, sr, dur, notes), t, e in zip(batch, tokens, embs):
+        for (u, a, sr, dur, notes), t, e in zip(batch, tokens, embs):
             if len(t) == 0:
                 skipped.append((u.utt, "speech tokenizer returned no tokens"))
             elif not np.isfinite(np.asarray(e, dtype=np.float64)).all():
                 skipped.append((u.utt, "speaker embedding has NaN or Inf"))
             else:
                 ok.append({"utt": u.utt, "speech_token": [int(x) for x in t], "utt_embedding": list(e),
-                           "sample_rate": sr, "duration_s": dur, "notes": notes})
+                           "sample_rate": sr, "duration_s": dur, "num_samples": len(a), "notes": notes})
         batch.clear()
 
     for u in utts:
@@ -233,6 +235,7 @@ def _write_one_shard(args: tuple[int, str, list[dict]]) -> tuple[int, list[dict]
             continue
         row = {k: r[k] for k in S.SHARD_COLUMNS if k != "audio_data"}
         row["audio_data"] = data
+        row["num_samples"], row["sample_rate"] = r["num_samples"], r["sample_rate"]  # the index's fact columns
         if r.get("instruct") is not None:
             row["instruct"] = r["instruct"]
         out_rows.append(row)
@@ -439,7 +442,7 @@ def _prepare(cfg: PrepareConfig, runner: _Runner) -> PrepareResult:
 
     # Stage 1: tokens and utterance embeddings for the pending shards.
     c = asdict(cfg)
-    specs = (tok_spec, emb_spec, cfg.onnx_batch_size)
+    specs = (tok_spec, emb_spec, cfg.onnx_batch_size, cfg.speech_tokenizer_device)
     analysed: dict[int, tuple[list[dict], list[tuple[str, str]]]] = {}
     tasks1 = [(i, groups[i], c, specs) for i in pending]
     for i, ok, skipped in runner.map(_analyse_shard, tasks1, "tokens+embeddings", lambda t: len(t[1])):
@@ -537,7 +540,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoding", default="utf-8",
                    help="encoding of the corpus' text files, e.g. gbk or latin-1 (default utf-8; UTF-16 files with a"
                         " byte-order mark are detected); lines not valid in it are skipped and reported")
-    p.add_argument("--onnx_batch_size", type=int, default=8)
+    p.add_argument("--onnx_batch_size", type=int, default=8,
+                   help="utterances per tokenizer/embedding batch (padding does not change the tokens)")
+    p.add_argument("--speech_tokenizer_device", default=None,
+                   help="run the speech tokenizer as s3tokenizer's PyTorch model on this device (e.g. cuda) "
+                        "to tokenize a big corpus on a GPU; needs `pip install s3tokenizer`. Default: "
+                        "onnxruntime (its CUDA provider when onnxruntime-gpu is installed)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
     return p
@@ -552,6 +560,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         codebook_size=a.codebook_size, min_duration=a.min_duration,
                         max_duration=a.max_duration, min_sample_rate=a.min_sample_rate, encoding=a.encoding,
                         onnx_batch_size=a.onnx_batch_size, seed=a.seed,
+                        speech_tokenizer_device=a.speech_tokenizer_device,
                         progress=not a.no_progress)
     try:
         result = prepare(cfg)

@@ -116,13 +116,28 @@ def rows_to_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
 ROW_GROUP_SIZE = 64
 
 
+def with_fact_columns(table: pa.Table, rows: Sequence[Mapping[str, Any]]) -> pa.Table:
+    """Add the ``cosytrain_*`` fact columns (see ``shard_facts``) when every row carries
+    ``num_samples`` and ``sample_rate``: the index then plans batches without reading any audio."""
+    from cosytrain.data.shard_facts import FACTS_META_KEY, FACTS_VERSION, fact_columns_for_rows
+
+    if not rows or not all("num_samples" in r and "sample_rate" in r for r in rows):
+        return table
+    for name, values in fact_columns_for_rows(rows).items():
+        table = table.append_column(name, pa.array(values))
+    meta = dict(table.schema.metadata or {})
+    meta[FACTS_META_KEY] = str(FACTS_VERSION).encode()
+    return table.replace_schema_metadata(meta)
+
+
 def write_shard(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -> None:
     """Write one shard atomically (snappy, like pandas' default).
 
     Row groups of ``ROW_GROUP_SIZE`` rows let the data pipeline read a few utterances at a time
     instead of a whole shard of audio (upstream readers go by column name, so nothing else changes).
+    Rows that carry ``num_samples``/``sample_rate`` (``prepare``'s) also get the fact columns.
     """
-    table = rows_to_table(rows)
+    table = with_fact_columns(rows_to_table(rows), rows)
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="snappy", row_group_size=ROW_GROUP_SIZE)
     atomic_write_bytes(path, sink.getvalue().to_pybytes())

@@ -3,6 +3,15 @@
 Both take 16 kHz mono float audio and return one token sequence per utterance at the model's token
 rate (50 Hz for CosyVoice 1, 25 Hz for CosyVoice 2/3).
 
+Batching pads the log-mels; the tokenizers mask padding (convolution inputs, attention, FSMN memory),
+so each utterance's tokens equal a one-at-a-time run: shown on the real v1/v2/v3 architectures (the
+``s3tokenizer`` package's models with random weights, and their ONNX export through this module) in
+``tests/data/test_s3_tokenizer.py``. The hidden states of a padded batch differ from a lone run's by
+float summation order (1e-6 to 1e-5 at the official sizes), so a value sitting that close to a
+quantiser boundary could in principle flip a token; none did in the measured utterances
+(``bench/tokenizer_padding.py``, figures in ``bench/README.md``), and ``batch_size=1`` is upstream's
+call exactly.
+
 The ONNX path reproduces upstream ``tools/extract_speech_token.py``: whisper's 128-bin log-mel
 (n_fft 400, hop 160, Hann, slaney mel, log10, clamp to max-8, (x+4)/4), inputs ``feats`` [B,128,T]
 float32 and ``feats_length`` [B] int32. Upstream refuses audio over 30 s (the tokenizer's whisper
@@ -144,21 +153,77 @@ class OnnxSpeechTokenizer:
         return [out[i, :math.ceil(n / self.stride)].astype(np.int64).tolist() for i, n in enumerate(lens)]
 
     def tokenize_batch(self, audios16k: Sequence[np.ndarray]) -> list[list[int]]:
-        # Flatten every utterance into its 30 s windows, run those in batches, then re-join.
-        pieces: list[tuple[int, torch.Tensor]] = []
-        for u, audio in enumerate(audios16k):
-            for w in windows_16k(np.asarray(audio, np.float32)):
-                pieces.append((u, whisper_log_mel(w, 128)))
-        order = sorted(range(len(pieces)), key=lambda k: pieces[k][1].shape[1])  # less padding per batch
-        tokens: list[list[int] | None] = [None] * len(pieces)
-        for b in range(0, len(order), self.batch_size):
-            idx = order[b:b + self.batch_size]
-            for k, toks in zip(idx, self._tokenize_mels([pieces[k][1] for k in idx])):
-                tokens[k] = toks
-        result: list[list[int]] = [[] for _ in audios16k]
-        for (u, _), toks in zip(pieces, tokens):
-            result[u].extend(toks or [])
-        return result
+        return _batched_windows(audios16k, self.batch_size, self._tokenize_mels)
+
+
+# ---------------------------------------------------------------------------- PyTorch (GPU) path
+
+
+class S3TorchSpeechTokenizer:
+    """Upstream's tokenizer run as a PyTorch model on a device: the way to tokenize a big corpus on a GPU.
+
+    The model is the ``s3tokenizer`` package's re-implementation of the v1/v2/v3 tokenizers
+    (``pip install s3tokenizer``), loaded from upstream's ONNX file (``from_onnx``, its
+    ``onnx2torch`` weight conversion; no download). Input features are the same whisper log-mel and
+    30-s windows as ``OnnxSpeechTokenizer``; windows are sorted by length and padded in batches of
+    ``batch_size``, which the tokenizer's masking makes invisible (tests show batched == one at a time
+    on the real architecture, and == the ONNX path).
+    """
+
+    def __init__(self, model: "torch.nn.Module", token_rate: int, device: str = "cpu", batch_size: int = 32):
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.token_rate = int(token_rate)
+        self.batch_size = max(1, int(batch_size))
+
+    @classmethod
+    def from_onnx(cls, path: str | Path, device: str = "cuda", batch_size: int = 32) -> "S3TorchSpeechTokenizer":
+        """Upstream's ``speech_tokenizer_v1.onnx`` / ``v2`` / ``v3`` as an s3tokenizer model on ``device``."""
+        try:
+            import s3tokenizer
+        except ImportError:
+            raise ValueError("a speech tokenizer on a device needs `pip install s3tokenizer` (or leave "
+                             "--speech_tokenizer_device unset to use onnxruntime)") from None
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"ONNX model {path} not found; pass the upstream model file's path")
+        model = s3tokenizer.load_model(str(path))  # a file path: no download; v2/v3 picked from the name
+        return cls(model, 50 if type(model).__name__ == "S3Tokenizer" else 25, device, batch_size)
+
+    @property
+    def stride(self) -> int:
+        return 100 // self.token_rate
+
+    def _tokenize_mels(self, mels: list[torch.Tensor]) -> list[list[int]]:
+        lens = torch.tensor([m.shape[1] for m in mels], dtype=torch.int32)
+        feats = torch.zeros(len(mels), mels[0].shape[0], int(lens.max()))
+        for i, m in enumerate(mels):
+            feats[i, :, :m.shape[1]] = m
+        with torch.inference_mode():
+            codes, code_len = self.model.quantize(feats.to(self.device), lens.to(self.device))
+        codes, code_len = codes.cpu(), code_len.cpu()
+        return [codes[i, :int(code_len[i])].to(torch.int64).tolist() for i in range(len(mels))]
+
+    def tokenize_batch(self, audios16k: Sequence[np.ndarray]) -> list[list[int]]:
+        return _batched_windows(audios16k, self.batch_size, self._tokenize_mels)
+
+
+def _batched_windows(audios16k: Sequence[np.ndarray], batch_size: int, run) -> list[list[int]]:
+    """Cut every utterance into its 30-s windows, run those sorted by length in batches, re-join."""
+    pieces: list[tuple[int, torch.Tensor]] = []
+    for u, audio in enumerate(audios16k):
+        for w in windows_16k(np.asarray(audio, np.float32)):
+            pieces.append((u, whisper_log_mel(w, 128)))
+    order = sorted(range(len(pieces)), key=lambda k: pieces[k][1].shape[1])  # less padding per batch
+    tokens: list[list[int] | None] = [None] * len(pieces)
+    for b in range(0, len(order), batch_size):
+        idx = order[b:b + batch_size]
+        for k, toks in zip(idx, run([pieces[k][1] for k in idx])):
+            tokens[k] = toks
+    result: list[list[int]] = [[] for _ in audios16k]
+    for (u, _), toks in zip(pieces, tokens):
+        result[u].extend(toks or [])
+    return result
 
 
 # -------------------------------------------------------------------------------------- built-in
@@ -262,10 +327,13 @@ class BuiltinSpeechTokenizer:
             return cls(z["centroids"], z["mean"], z["std"], int(z["token_rate"]), int(z["n_mels"]))
 
 
-def load_speech_tokenizer(spec: str | Path, onnx_batch_size: int = 8) -> SpeechTokenizer:
-    """``*.onnx`` -> upstream model via onnxruntime; ``*.npz`` -> a fitted built-in tokenizer."""
+def load_speech_tokenizer(spec: str | Path, onnx_batch_size: int = 8, device: str | None = None) -> SpeechTokenizer:
+    """``*.onnx`` -> upstream model via onnxruntime (CUDA provider when onnxruntime-gpu is installed), or
+    with ``device`` as s3tokenizer's PyTorch model on that device; ``*.npz`` -> a fitted built-in tokenizer."""
     p = Path(spec)
     if p.suffix == ".onnx":
+        if device:
+            return S3TorchSpeechTokenizer.from_onnx(p, device=device, batch_size=onnx_batch_size)
         return OnnxSpeechTokenizer(p, batch_size=onnx_batch_size)
     if p.suffix == ".npz":
         return BuiltinSpeechTokenizer.load(p)

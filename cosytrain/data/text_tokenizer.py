@@ -49,6 +49,10 @@ class ByteTokenizer:
     def encode(self, text: str) -> list[int]:
         return [b + self.offset for b in text.encode("utf-8")]
 
+    def encode_lengths(self, texts: list[str]) -> list[int]:
+        """``len(encode(t))`` for each text (the data index counts tokens of a whole corpus)."""
+        return [len(t.encode("utf-8")) for t in texts]
+
     def decode(self, tokens: list[int]) -> str:
         return bytes(t - self.offset for t in tokens if self.offset <= t < self.vocab_size).decode(
             "utf-8", errors="replace")
@@ -82,6 +86,10 @@ class WhisperTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return list(self._encoding.encode(text, allowed_special="all"))
+
+    def encode_lengths(self, texts: list[str]) -> list[int]:
+        """``len(encode(t))`` for each text, through tiktoken's threaded batch encoder."""
+        return [len(ids) for ids in self._encoding.encode_batch(list(texts), allowed_special="all")]
 
     def decode(self, tokens: list[int]) -> str:
         return self._encoding.decode(list(tokens))
@@ -158,6 +166,13 @@ class QwenTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return list(self._tok([text])["input_ids"][0])
+
+    def encode_lengths(self, texts: list[str], chunk: int = 4096) -> list[int]:
+        """``len(encode(t))`` for each text, in batched calls of the fast (Rust) tokenizer."""
+        out: list[int] = []
+        for i in range(0, len(texts), chunk):
+            out += [len(ids) for ids in self._tok(list(texts[i:i + chunk]))["input_ids"]]
+        return out
 
     def decode(self, tokens: list[int]) -> str:
         return self._tok.decode(list(tokens), skip_special_tokens=True)

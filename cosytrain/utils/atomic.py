@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import io
 import os
 import shutil
 import tempfile
@@ -95,13 +94,43 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+class _WriteErrorRecorder:
+    """Forwards writes to ``handle`` and keeps the first ``OSError``: torch's zip writer rewords a failed
+    write as ``RuntimeError: ... unexpected pos``, and the errno (ENOSPC) is what must be reported."""
+
+    def __init__(self, handle: BinaryIO) -> None:
+        self.handle = handle
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to memory first (a pickling error never touches the disk), then write atomically."""
+    """``torch.save`` streamed into a temporary sibling, then renamed over ``path``.
+
+    Nothing is serialised into memory first (a checkpoint with optimizer state is several GB, and a
+    buffer would hold it twice at every save); a pickling error or a full disk removes the temporary
+    file and leaves ``path`` as it was, and a failed write surfaces as its ``OSError`` (one line, via
+    ``AtomicWriteError``), not as torch's "unexpected pos".
+    """
     import torch
 
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    with atomic_open(path, "wb") as handle:
+        sink = _WriteErrorRecorder(handle)
+        try:
+            torch.save(obj, sink)
+        except Exception:
+            if sink.error is not None:
+                raise sink.error from None
+            raise
 
 
 def atomic_directory(target: str | os.PathLike, fill: Callable[[Path], None], overwrite: bool = False) -> Path:

@@ -140,22 +140,24 @@ def test_lightning_resume_mid_epoch_continues_the_stream(lists, tmp_path: Path) 
 
 
 def test_index_is_cached_so_later_runs_decode_nothing(tmp_path, monkeypatch):
-    """The default ``index_cache_dir='auto'``: the first setup decodes every row once and caches the
+    """The default ``index_cache_dir='auto'``: the first setup indexes every shard once and caches the
     facts under $COSYTRAIN_HOME/index_cache; a later run plans its batches from the cache alone."""
-    import cosytrain.data.dataset as D
+    import cosytrain.data.index_build as B
 
     monkeypatch.setenv("COSYTRAIN_HOME", str(tmp_path / "home"))
     train, _ = write_corpus(tmp_path / "train", sizes=[5, 6])
     first = CosyDataModule(train_data=train, speech_token_size=None)
     assert first.index_cache_dir == str(tmp_path / "home" / "index_cache")
-    first.prepare_data()
+    first.prepare_data()  # nothing on rank 0 alone any more: every rank indexes its share in setup
+    assert not (tmp_path / "home" / "index_cache").exists()
     first.setup("fit")
-    assert len(list((tmp_path / "home" / "index_cache").glob("*.json"))) == 2
+    assert len(list((tmp_path / "home" / "index_cache").glob("*.facts.npz"))) == 2
 
-    def no_decoding(path):
-        raise AssertionError(f"{path} was decoded again")
+    def no_decoding(path, **kw):
+        raise AssertionError(f"{path} was read again")
 
-    monkeypatch.setattr(D, "_read_shard_facts", no_decoding)
+    monkeypatch.setattr(B, "read_shard_facts", no_decoding)
+    monkeypatch.setattr(B, "_read_texts", no_decoding)
     later = CosyDataModule(train_data=train, speech_token_size=None)
     later.setup("fit")
     assert len(later.train_dataset.index) == len(first.train_dataset.index) == 11
