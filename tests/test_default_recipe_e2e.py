@@ -137,3 +137,33 @@ def test_export_reload_and_synthesize(runs, tmp_path, capsys):
                      "--base", str(out), "-o", str(best)]) == 0
     chosen = json.loads((best / "cosytrain.json").read_text())["parts"]["llm"]["checkpoints"]
     assert len(chosen) == 1 and "val_loss=" in Path(chosen[0]["path"]).name
+
+
+def test_a_hift_checkpoint_is_the_synthesis_vocoder(runs, tmp_path):
+    """SynthesisCallback(vocoder=<HiFTTask .ckpt>): the generator is built from its run's config.yaml with the
+    checkpoint's weights, and it is what the callback vocodes with; bad checkpoints are one-line errors."""
+    from types import SimpleNamespace
+
+    from cosytrain.errors import ConfigurationError
+    from cosytrain.models.hift.generator import HiFTGenerator
+    from cosytrain.tasks.hift_weights import hift_state_dict
+    from cosytrain.tasks.synthesis_callback import SynthesisCallback
+
+    ckpt = runs / "hift" / "checkpoints" / "last.ckpt"
+    callback = SynthesisCallback(vocoder=str(ckpt), speaker_encoder="none")
+    vocoder, name = callback._vocoder(SimpleNamespace(datamodule=None), {"hift": None}, torch.device("cpu"))
+    assert isinstance(vocoder, HiFTGenerator) and str(ckpt) in name and not vocoder.training
+    state = vocoder.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in hift_state_dict(ckpt).items())
+    speech, _ = vocoder.inference(speech_feat=torch.full((1, 80, 20), -5.0))
+    assert speech.shape[-1] == 20 * 256 and torch.isfinite(speech).all()
+
+    lone = tmp_path / "lone.ckpt"  # no run config beside it
+    lone.write_bytes(ckpt.read_bytes())
+    with pytest.raises(ConfigurationError, match="no config.yaml beside it") as err:
+        SynthesisCallback(vocoder=str(lone))
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigurationError, match="no model.init_args.hift"):  # an llm+flow run's checkpoint
+        SynthesisCallback(vocoder=str(runs / "sft" / "checkpoints" / "last.ckpt"))
+    with pytest.raises(ConfigurationError, match="not found"):
+        SynthesisCallback(vocoder=str(tmp_path / "missing.ckpt"))

@@ -1,5 +1,6 @@
-"""The vocoder task's weights, in and out: ``init_from`` files -> generator (+ discriminator), and a
-``HiFTTask`` checkpoint -> upstream's plain ``hift.pt``.
+"""The vocoder task's weights, in and out: ``init_from`` files -> generator (+ discriminator), a
+``HiFTTask`` checkpoint -> upstream's plain ``hift.pt``, or -> a ready generator module
+(:func:`load_hift_checkpoint`, the ``SynthesisCallback`` vocoder named by a ``.ckpt`` path).
 
 Checkpoint keys are ``hift.*`` (the generator, exported as ``hift.pt`` by a prefix split: see
 :func:`hift_state_dict`) and ``discriminator.*`` (upstream's ``MultipleDiscriminator`` names, so an
@@ -18,7 +19,7 @@ from cosytrain.errors import ConfigurationError
 from cosytrain.modeldir import clean_part_state_dict, load_weights_file
 from cosytrain.models.hift.weight_norm import strip_generator_prefix
 
-__all__ = ["hift_state_dict", "discriminator_state_dict", "read_init_weights"]
+__all__ = ["hift_state_dict", "discriminator_state_dict", "read_init_weights", "load_hift_checkpoint"]
 
 
 def _unwrap_state_dict(checkpoint: Mapping[str, Any] | str | Path) -> Mapping[str, Any]:
@@ -83,3 +84,46 @@ def read_init_weights(init_from: str | Path) -> tuple[dict[str, torch.Tensor], d
     else:
         raise FileNotFoundError(f"init_from: {path} is neither a model directory nor a checkpoint file")
     return gen, disc, what
+
+
+def _run_config_beside(checkpoint: Path) -> Path:
+    """LightningCLI's ``config.yaml`` of the run that wrote ``checkpoint`` (its folder or one up)."""
+    for folder in (checkpoint.parent, checkpoint.parent.parent):
+        if (folder / "config.yaml").is_file():
+            return folder / "config.yaml"
+    raise ConfigurationError(f"{checkpoint}: no config.yaml beside it or one folder up (LightningCLI writes it in the"
+                             " run folder); name a checkpoint inside its run folder, or export it to a model directory")
+
+
+def load_hift_checkpoint(checkpoint: str | Path) -> torch.nn.Module:
+    """The generator of a ``HiFTTask`` checkpoint, built from its run's ``config.yaml``, in eval mode.
+
+    The module is the ``model.init_args.hift`` section of that config (``class_path``/``init_args``, as
+    LightningCLI saved it) with the checkpoint's ``hift.*`` weights loaded strictly; nothing else of the
+    run is needed. Bad input is one :class:`ConfigurationError` line naming the file.
+    """
+    import yaml
+    from jsonargparse import ArgumentParser
+
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise ConfigurationError(f"HiFT checkpoint {path} not found; train one with recipes/hift_demo.yaml")
+    config_path = _run_config_beside(path)
+    try:
+        config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+        section = config["model"]["init_args"]["hift"]
+        if not isinstance(section, dict) or "class_path" not in section:
+            raise KeyError("hift")
+    except (OSError, yaml.YAMLError, KeyError, TypeError) as exc:
+        raise ConfigurationError(f"{config_path}: no model.init_args.hift class_path section ({type(exc).__name__});"
+                                 " is it the config of a HiFTTask run?") from None
+    state = hift_state_dict(path)
+    parser = ArgumentParser(parser_mode="omegaconf")
+    parser.add_argument("--hift", type=torch.nn.Module)
+    try:
+        module = parser.instantiate(parser.parse_object({"hift": section})).hift
+        module.load_state_dict(state, strict=True)
+    except Exception as exc:  # noqa: BLE001 - one line naming both files
+        raise ConfigurationError(f"{path}: its hift weights do not build/load with {config_path}'s hift section"
+                                 f" ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
+    return module.eval().requires_grad_(False)

@@ -18,8 +18,9 @@ so a resumed run measures the same ones). The zero-shot prompt of each is anothe
 utterance of the same speaker. The recordings are read from the datamodule's validation shards
 (``val_data``) by utterance id; without them the callback measures nothing and says why once.
 
-The vocoder (``vocoder``): ``auto`` = the task's own ``hift`` if it has one, else ``model_dir``'s
-``hift.pt``, else Griffin-Lim over the inverse mel (:class:`cosytrain.inference.griffin_lim.GriffinLimVocoder`,
+The vocoder (``vocoder``): a ``HiFTTask`` checkpoint path (``.ckpt``) or a model directory's ``hift.pt``
+when named; ``auto`` = the task's own ``hift`` if it has one, else ``model_dir``'s ``hift.pt``, else
+Griffin-Lim over the inverse mel (:class:`cosytrain.inference.griffin_lim.GriffinLimVocoder`,
 built from the datamodule's mel options), so every recipe has audio. ``model_dir`` may also supply the
 parts the task does not train (e.g. the flow for an LLM-only run) and ``campplus.onnx`` for SIM.
 
@@ -84,7 +85,9 @@ class SynthesisCallback(pl.Callback):
         every_n_validations: synthesise on every n-th validation (sanity checks never count).
         num_utterances: held-out utterances to synthesise (each costs one run per condition).
         conditions: any of ``vocoder_gt``, ``flow_gt``, ``full``, ``zero_shot``.
-        vocoder: ``auto``, ``griffin_lim``, or a model directory holding ``hift.pt``.
+        vocoder: ``auto``, ``griffin_lim``, a model directory holding ``hift.pt``, or a ``HiFTTask``
+            checkpoint (``.ckpt``, e.g. ``runs/hift_demo/checkpoints/last.ckpt``; built from the
+            ``config.yaml`` of its run, loaded when the callback is made).
         model_dir: a model directory supplying parts the task lacks, ``hift.pt`` and ``campplus.onnx``.
         speaker_encoder: ``auto`` (``model_dir``'s campplus.onnx, else resemblyzer), ``resemblyzer``,
             ``campplus``, a ``.onnx`` path, or ``none``.
@@ -105,9 +108,17 @@ class SynthesisCallback(pl.Callback):
             raise ConfigurationError(f"SynthesisCallback: unknown conditions {unknown}; choose from {list(CONDITIONS)}")
         if model_dir is not None and not Path(model_dir).is_dir():
             raise ConfigurationError(f"SynthesisCallback: model_dir {model_dir} is not a directory")
-        if vocoder not in ("auto", "griffin_lim") and not (Path(vocoder) / "hift.pt").is_file():
-            raise ConfigurationError(f"SynthesisCallback: vocoder={vocoder!r}: use 'auto', 'griffin_lim' or a model"
-                                     " directory holding hift.pt")
+        self._hift_checkpoint: Optional[nn.Module] = None
+        if str(vocoder).endswith(".ckpt"):
+            from cosytrain.tasks.hift_weights import load_hift_checkpoint
+
+            try:  # a wrong path or a checkpoint of another task fails now, not after an hour of training
+                self._hift_checkpoint = load_hift_checkpoint(vocoder)
+            except ConfigurationError as exc:
+                raise ConfigurationError(f"SynthesisCallback: vocoder={vocoder!r}: {exc}") from None
+        elif vocoder not in ("auto", "griffin_lim") and not (Path(vocoder) / "hift.pt").is_file():
+            raise ConfigurationError(f"SynthesisCallback: vocoder={vocoder!r}: use 'auto', 'griffin_lim', a model"
+                                     " directory holding hift.pt, or a HiFTTask checkpoint (.ckpt)")
         if asr is not None:
             from cosytrain.evaluation.asr import load_asr
 
@@ -285,6 +296,8 @@ class SynthesisCallback(pl.Callback):
         spec = self.vocoder_spec
         if spec == "auto" and parts.get("hift") is not None:
             return parts["hift"], "hift (task or model_dir)"  # type: ignore[return-value]
+        if self._hift_checkpoint is not None:
+            return self._hift_checkpoint.to(device), f"HiFT checkpoint {spec}"
         if spec not in ("auto", "griffin_lim"):
             if not hasattr(self, "_hift_from_dir"):
                 from cosytrain.modeldir import load_model_dir
