@@ -351,6 +351,13 @@ def collect_shards(shards: Sequence[str], tok_kind: str, tok_path: Optional[str]
             pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"))
         running[pool.submit(index_one_shard, *args)] = (s, claim)
 
+    def from_cache(s: int) -> Optional[ShardEntry]:
+        """The shard's finished index entry from the cache (counted as loaded), or None."""
+        entry = load_cached(cache, keys[s], tok_id)
+        if entry is not None:
+            stats.loaded += 1
+        return entry
+
     def drain(block: bool) -> None:
         if not running:
             return
@@ -375,9 +382,8 @@ def collect_shards(shards: Sequence[str], tok_kind: str, tok_path: Optional[str]
             if cache is None or keys[s] is None:
                 submit(s, None)
                 continue
-            entry = load_cached(cache, keys[s], tok_id)
+            entry = from_cache(s)
             if entry is not None:
-                stats.loaded += 1
                 yield s, entry
                 continue
             claim = _claim_file(cache, keys[s], tok_id)
@@ -404,9 +410,8 @@ def collect_shards(shards: Sequence[str], tok_kind: str, tok_path: Optional[str]
             still = []
             for s in deferred:
                 assert cache is not None and keys[s] is not None
-                entry = load_cached(cache, keys[s], tok_id)
+                entry = from_cache(s)
                 if entry is not None:
-                    stats.loaded += 1
                     yield s, entry
                     continue
                 claim = _claim_file(cache, keys[s], tok_id)
