@@ -26,7 +26,9 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cosytrain.utils.atomic import atomic_write_bytes as _atomic_write_bytes
+# the shards' writers: temp file + os.replace, modes as a plain write gives (0644 under umask 022, not
+# mkstemp's 0600), so others on a shared machine can read the shards; re-exported for data/ callers
+from cosytrain.utils.atomic import atomic_write_bytes, atomic_write_text  # noqa: F401
 
 # Column -> Arrow type, in the order upstream writes them. pandas maps a Python str column to
 # ``string``, bytes to ``binary``, lists of Python floats to ``list<double>`` (upstream's embeddings
@@ -71,17 +73,6 @@ def shard_schema(with_instruct: bool = False, with_reject: bool = False) -> pa.S
     wanted = {"instruct": with_instruct, "reject_speech_token": with_reject}
     fields = list(SHARD_SCHEMA_FIELDS) + [(name, typ) for name, typ in OPTIONAL_SCHEMA_FIELDS if wanted[name]]
     return pa.schema([pa.field(name, typ) for name, typ in fields])
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write via a temp file in the same folder and ``os.replace`` so readers never see half a file; the
-    file lands with the modes a plain write gives (0644 under umask 022, not ``mkstemp``'s private 0600),
-    so others on a shared machine can read the shards (:mod:`cosytrain.utils.atomic`)."""
-    _atomic_write_bytes(path, data)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def rows_to_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:

@@ -191,15 +191,17 @@ def _check_ckpt_path(ckpt_path: Any) -> None:
                           " run folder's last.ckpt")
 
 
+def _get(node: Any, *keys: str) -> Any:
+    """``node[k1][k2]...`` through a parsed config (dicts or Namespaces); None where a key is missing."""
+    for key in keys:
+        node = node.get(key) if hasattr(node, "get") else None
+    return node
+
+
 def _check_accumulation(trainer: Any, model: Any) -> None:
     """SpeechTask.setup refuses two accumulation settings mid-fit; say it before anything is built."""
-    def get(node: Any, *keys: str) -> Any:
-        for key in keys:
-            node = node.get(key) if hasattr(node, "get") else None
-        return node
-
-    current = get(trainer, "accumulate_grad_batches")
-    accum = get(model, "init_args", "train_conf", "accum_grad")
+    current = _get(trainer, "accumulate_grad_batches")
+    accum = _get(model, "init_args", "train_conf", "accum_grad")
     if current not in (None, 1) and accum is not None and int(current) != int(accum):
         raise ConfigError(f"gradient accumulation is set twice (trainer.accumulate_grad_batches={current},"
                           f" train_conf.accum_grad={accum}); set only train_conf.accum_grad")
@@ -207,18 +209,13 @@ def _check_accumulation(trainer: Any, model: Any) -> None:
 
 def _check_clipping(trainer: Any, model: Any) -> None:
     """The task clips at train_conf.grad_clip (DeepSpeed too); a different trainer.gradient_clip_val is refused now."""
-    def get(node: Any, *keys: str) -> Any:
-        for key in keys:
-            node = node.get(key) if hasattr(node, "get") else None
-        return node
-
-    clip_val = get(trainer, "gradient_clip_val")
-    if clip_val is None or not str(get(model, "class_path") or "").startswith("cosytrain.tasks.speech_task."):
+    clip_val = _get(trainer, "gradient_clip_val")
+    if clip_val is None or not str(_get(model, "class_path") or "").startswith("cosytrain.tasks.speech_task."):
         return  # the vocoder's GAN task leaves trainer.gradient_clip_val to Lightning
     from cosytrain.tasks.optim import TrainConf
     from cosytrain.tasks.speech_task import check_clipping
 
-    train_conf = get(model, "init_args", "train_conf")
+    train_conf = _get(model, "init_args", "train_conf")
     grad_clip = train_conf.get("grad_clip", TrainConf.grad_clip) if hasattr(train_conf, "get") else TrainConf.grad_clip
     try:
         check_clipping(clip_val, grad_clip)
