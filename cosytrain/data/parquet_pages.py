@@ -18,312 +18,20 @@ returned, or at the first value that cannot be decoded, and the caller reads the
 
 from __future__ import annotations
 
-import io
 from typing import Any, BinaryIO, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
-CHUNK = 1 << 20  # bytes read from the file / decompressed at a time
-SNAPPY_FRAGMENT = 1 << 16  # the reference compressor never copies across these boundaries
+from cosytrain.data.parquet_bytes import ByteReader, Unsupported, decompressed, read_page_header, rle_hybrid
+
+STREAM_MIN_BYTES = 8 << 20  # readers stream a column chunk larger than this (uncompressed) instead of using Arrow
 MAX_INDEX_PAGE = 64 << 20  # a dictionary-index page is small; refuse to decode a huge one whole
 
 PAGE_DATA, PAGE_INDEX, PAGE_DICTIONARY, PAGE_DATA_V2 = 0, 1, 2, 3
 ENC_PLAIN, ENC_PLAIN_DICTIONARY, ENC_RLE, ENC_RLE_DICTIONARY = 0, 2, 3, 8
-STREAM_CODECS = {"GZIP": "gzip", "ZSTD": "zstd"}
 
 
-class Unsupported(Exception):
-    """The column chunk uses a layout this reader does not handle: read it with Arrow instead."""
-
-
-# ------------------------------------------------------------------------- thrift compact protocol
-class _Thrift:
-    """Just enough of Thrift's compact protocol to read a Parquet ``PageHeader`` into nested dicts."""
-
-    def __init__(self, buf: bytes) -> None:
-        self.buf, self.pos = buf, 0
-
-    def byte(self) -> int:
-        b = self.buf[self.pos]  # IndexError: the header goes on past the bytes read so far
-        self.pos += 1
-        return b
-
-    def varint(self) -> int:
-        shift = value = 0
-        while True:
-            b = self.byte()
-            value |= (b & 0x7F) << shift
-            if not b & 0x80:
-                return value
-            shift += 7
-
-    def zigzag(self) -> int:
-        v = self.varint()
-        return (v >> 1) ^ -(v & 1)
-
-    def value(self, kind: int) -> Any:
-        if kind in (1, 2):
-            return kind == 1
-        if kind == 3:
-            return self.byte()
-        if kind in (4, 5, 6):
-            return self.zigzag()
-        if kind == 7:
-            self.pos += 8
-            return None
-        if kind == 8:
-            n = self.varint()
-            if self.pos + n > len(self.buf):
-                raise IndexError("binary past the buffer")
-            self.pos += n
-            return None  # statistics' min/max: not needed
-        if kind in (9, 10):
-            head = self.byte()
-            size, elem = head >> 4, head & 0x0F
-            if size == 15:
-                size = self.varint()
-            return [self.byte() == 1 if elem in (1, 2) else self.value(elem) for _ in range(size)]
-        if kind == 11:
-            size = self.varint()
-            if size:
-                types = self.byte()
-                for _ in range(size):
-                    self.value(types >> 4)
-                    self.value(types & 0x0F)
-            return None
-        if kind == 12:
-            return self.struct()
-        raise Unsupported(f"thrift type {kind} in a page header")
-
-    def struct(self) -> dict[int, Any]:
-        out: dict[int, Any] = {}
-        last = 0
-        while True:
-            head = self.byte()
-            if head == 0:
-                return out
-            delta, kind = head >> 4, head & 0x0F
-            last = last + delta if delta else self.zigzag()
-            out[last] = self.value(kind)
-
-
-def read_page_header(f: BinaryIO, offset: int) -> tuple[dict[int, Any], int]:
-    """The ``PageHeader`` at ``offset`` and its length in bytes."""
-    size = 256
-    while True:
-        f.seek(offset)
-        buf = f.read(size)
-        try:
-            reader = _Thrift(buf)
-            return reader.struct(), reader.pos
-        except IndexError:
-            if len(buf) < size or size > (64 << 20):
-                raise Unsupported(f"truncated page header at byte {offset}") from None
-            size *= 4
-
-
-# ------------------------------------------------------------------------------ byte streams
-def _file_pieces(f: BinaryIO, offset: int, length: int) -> Iterator[bytes]:
-    f.seek(offset)
-    left = length
-    while left > 0:
-        piece = f.read(min(CHUNK, left))
-        if not piece:
-            raise Unsupported(f"file ends inside a page at byte {offset + length - left}")
-        left -= len(piece)
-        yield piece
-
-
-class _Slice(io.RawIOBase):
-    """A read-only window of a file, for Arrow's streaming decompressors."""
-
-    def __init__(self, f: BinaryIO, offset: int, length: int) -> None:
-        self.f, self.at, self.left = f, offset, length
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: Any) -> int:
-        n = min(len(b), self.left)
-        if n <= 0:
-            return 0
-        self.f.seek(self.at)
-        data = self.f.read(n)
-        b[:len(data)] = data
-        self.at += len(data)
-        self.left -= len(data)
-        return len(data)
-
-
-def _snappy_pieces(pieces: Iterator[bytes]) -> Iterator[bytes]:
-    """Decompress one raw snappy block a megabyte at a time.
-
-    The elements are scanned (tags only) to find cuts at 64 KiB output boundaries; the elements between two
-    cuts are decompressed by Arrow's snappy as a block of their own (a length varint put in front)."""
-    import pyarrow as pa
-
-    buf = bytearray()
-    feed = iter(pieces)
-
-    def need(n: int) -> bool:
-        while len(buf) < n:
-            piece = next(feed, None)
-            if piece is None:
-                return False
-            buf.extend(piece)
-        return True
-
-    pos = shift = total = 0
-    while True:  # the block's uncompressed length
-        if not need(pos + 1):
-            raise Unsupported("empty snappy block")
-        b = buf[pos]
-        pos += 1
-        total |= (b & 0x7F) << shift
-        shift += 7
-        if not b & 0x80:
-            break
-    del buf[:pos]
-    start, pos, out, cut_out = 0, 0, 0, 0
-    while out < total:
-        if not need(pos + 5) and not need(pos + 1):
-            raise Unsupported("snappy block ends early")
-        tag = buf[pos]
-        kind = tag & 3
-        if kind == 0:
-            n = tag >> 2
-            if n < 60:
-                head = 1
-            else:
-                head = 1 + n - 59
-                if not need(pos + head):
-                    raise Unsupported("snappy block ends early")
-                n = int.from_bytes(buf[pos + 1:pos + head], "little")
-            length, step = n + 1, head + n + 1
-        elif kind == 1:
-            length, step = 4 + ((tag >> 2) & 7), 2
-        elif kind == 2:
-            length, step = (tag >> 2) + 1, 3
-        else:
-            length, step = (tag >> 2) + 1, 5
-        if not need(pos + step):
-            raise Unsupported("snappy block ends early")
-        pos += step
-        out += length
-        if out >= total or (out % SNAPPY_FRAGMENT == 0 and out - cut_out >= CHUNK):
-            n_out = out - cut_out
-            varint = bytearray()
-            v = n_out
-            while v >= 0x80:
-                varint.append((v & 0x7F) | 0x80)
-                v >>= 7
-            varint.append(v)
-            try:
-                block = pa.decompress(bytes(varint) + bytes(buf[start:pos]), decompressed_size=n_out,
-                                      codec="snappy", asbytes=True)
-            except (OSError, ValueError) as ex:
-                raise Unsupported(f"snappy block copies across a 64 KiB fragment ({ex})") from None
-            yield block
-            del buf[:pos]
-            start = pos = 0
-            cut_out = out
-
-
-def _decompressed(f: BinaryIO, offset: int, length: int, codec: str) -> Iterator[bytes]:
-    if codec == "UNCOMPRESSED":
-        yield from _file_pieces(f, offset, length)
-    elif codec == "SNAPPY":
-        yield from _snappy_pieces(_file_pieces(f, offset, length))
-    elif codec in STREAM_CODECS:
-        import pyarrow as pa
-
-        stream = pa.CompressedInputStream(pa.PythonFile(_Slice(f, offset, length), mode="r"), STREAM_CODECS[codec])
-        while True:
-            piece = stream.read(CHUNK)
-            if not piece:
-                return
-            yield piece
-    else:
-        raise Unsupported(f"codec {codec}")
-
-
-class _Bytes:
-    """Read exact byte counts from a stream of pieces, or skip them without keeping them."""
-
-    def __init__(self, pieces: Iterator[bytes]) -> None:
-        self.pieces, self.buf, self.at = pieces, b"", 0
-
-    def _fill(self) -> bool:
-        piece = next(self.pieces, None)
-        if piece is None:
-            return False
-        self.buf, self.at = self.buf[self.at:] + piece if self.at < len(self.buf) else piece, 0
-        return True
-
-    def read(self, n: int) -> bytes:
-        if self.at + n <= len(self.buf):
-            self.at += n
-            return self.buf[self.at - n:self.at]
-        parts = [self.buf[self.at:]]
-        got = len(parts[0])
-        self.buf, self.at = b"", 0
-        while got < n:
-            if not self._fill():
-                raise Unsupported("page ends inside a value")
-            take = self.buf[:n - got]
-            parts.append(take)
-            got += len(take)
-            self.at = len(take)
-        return b"".join(parts)
-
-    def skip(self, n: int) -> None:
-        while n > 0:
-            avail = len(self.buf) - self.at
-            if avail >= n:
-                self.at += n
-                return
-            n -= avail
-            self.buf, self.at = b"", 0
-            if not self._fill():
-                raise Unsupported("page ends inside a value")
-
-
-# ------------------------------------------------------------------------------ level / index runs
-def rle_hybrid(data: bytes, bit_width: int, count: int) -> np.ndarray:
-    """Parquet's RLE / bit-packed hybrid encoding: the first ``count`` values."""
-    out = np.zeros(count, np.int64)
-    if bit_width == 0:
-        return out
-    width_bytes = (bit_width + 7) // 8
-    pos = got = 0
-    while got < count:
-        if pos >= len(data):
-            raise Unsupported("RLE run ends early")
-        shift = head = 0
-        while True:
-            b = data[pos]
-            pos += 1
-            head |= (b & 0x7F) << shift
-            shift += 7
-            if not b & 0x80:
-                break
-        if head & 1:  # bit-packed: (head >> 1) groups of 8 values
-            n = (head >> 1) * 8
-            raw = np.frombuffer(data, np.uint8, (head >> 1) * bit_width, pos)
-            pos += (head >> 1) * bit_width
-            bits = np.unpackbits(raw, bitorder="little").reshape(n, bit_width).astype(np.int64)
-            values = bits @ (1 << np.arange(bit_width, dtype=np.int64))
-        else:
-            n = head >> 1
-            values = np.full(n, int.from_bytes(data[pos:pos + width_bytes], "little"), np.int64)
-            pos += width_bytes
-        take = min(n, count - got)
-        out[got:got + take] = values[:take]
-        got += take
-    return out
-
-
-def _levels_v1(data: _Bytes, max_def: int, count: int) -> np.ndarray:
+def _levels_v1(data: ByteReader, max_def: int, count: int) -> np.ndarray:
     """Definition levels of a v1 data page (length-prefixed RLE), or all-present when the column is required."""
     if max_def == 0:
         return np.ones(count, bool)
@@ -346,6 +54,14 @@ def column_chunk_bounds(metadata: Any, row_group: int, column: str) -> tuple[int
     if chunk.has_dictionary_page and chunk.dictionary_page_offset is not None:
         start = min(start, chunk.dictionary_page_offset)
     return start, chunk.total_compressed_size, chunk.compression, index
+
+
+def chunk_bytes(metadata: Any, row_group: int, column: str) -> int:
+    """Uncompressed bytes of ``column``'s chunk in ``row_group`` (0 when there is no such flat column)."""
+    for i in range(metadata.num_columns):
+        if metadata.schema.column(i).path == column:
+            return int(metadata.row_group(row_group).column(i).total_uncompressed_size)
+    return 0
 
 
 def stream_values(path: str, metadata: Any, row_group: int, column: str,
@@ -400,7 +116,7 @@ def stream_values(path: str, metadata: Any, row_group: int, column: str,
             if dictionary is None:
                 raise Unsupported("dictionary-encoded page without a dictionary page")
             body, body_len, count = dictionary
-            values = _Bytes(_decompressed(f, body, body_len, codec))
+            values = ByteReader(decompressed(f, body, body_len, codec))
             yield from _plain_values(values, sorted(dict_rows), count, dict_rows)
         for kind, sub, body, body_len, row0, page_rows in plain_pages:
             yield from _plain_page(f, kind, sub, body, body_len, codec, max_def, row0, page_rows)
@@ -432,13 +148,13 @@ def _dictionary_page(f: BinaryIO, kind: int, header: dict[int, Any], sub: dict[i
     if int(header.get(2, 0)) > MAX_INDEX_PAGE:
         raise Unsupported("dictionary-index page too large to decode whole")
     if kind == PAGE_DATA:
-        data = _Bytes(_decompressed(f, body, body_len, codec))
+        data = ByteReader(decompressed(f, body, body_len, codec))
         present = _levels_v1(data, max_def, num_rows)
         rest = b"".join([data.buf[data.at:], *data.pieces])
     else:
         present, levels = _v2_levels(f, sub, body, max_def, num_rows)
         compressed = sub.get(7, True)
-        pieces = _decompressed(f, body + levels, body_len - levels, codec if compressed else "UNCOMPRESSED")
+        pieces = decompressed(f, body + levels, body_len - levels, codec if compressed else "UNCOMPRESSED")
         rest = b"".join(pieces)
     n_values = int(present.sum())
     if not rest:
@@ -446,7 +162,7 @@ def _dictionary_page(f: BinaryIO, kind: int, header: dict[int, Any], sub: dict[i
     return present, rle_hybrid(rest[1:], rest[0], n_values)
 
 
-def _plain_values(values: _Bytes, indices: Sequence[int], count: int,
+def _plain_values(values: ByteReader, indices: Sequence[int], count: int,
                   rows_of: Mapping[int, list[int]]) -> Iterator[tuple[list[int], bytes]]:
     """The PLAIN byte arrays at sorted value ``indices`` of a stream of ``count`` values."""
     at = 0
@@ -467,9 +183,9 @@ def _plain_page(f: BinaryIO, kind: int, sub: dict[int, Any], body: int, body_len
     if kind == PAGE_DATA_V2:
         present, levels = _v2_levels(f, sub, body, max_def, num)
         compressed = sub.get(7, True)
-        data = _Bytes(_decompressed(f, body + levels, body_len - levels, codec if compressed else "UNCOMPRESSED"))
+        data = ByteReader(decompressed(f, body + levels, body_len - levels, codec if compressed else "UNCOMPRESSED"))
     else:
-        data = _Bytes(_decompressed(f, body, body_len, codec))
+        data = ByteReader(decompressed(f, body, body_len, codec))
         present = _levels_v1(data, max_def, num)
     value_of_row = np.cumsum(present) - 1
     nulls = [[row0 + int(r)] for r in page_rows.tolist() if not present[r]]

@@ -9,12 +9,13 @@ is bounded by ``budget`` whatever the corpus or the row-group size, and a row gr
 once per worker per epoch when the budget holds a shuffle window's rows (a few times when it does
 not: it is re-read, rows arrive in row order).
 
-The read itself is not bounded by the budget: parquet compresses a data page whole, and pyarrow
-writes a column chunk as one page when a row group is written in one call, as upstream's
-``make_parquet_list.py`` does (one 1,000-row group per shard). Reading any row of such a shard then
-decompresses all of its audio, about 2x the column for a moment (measured: 310 MB of Arrow memory
-for the first 16 rows of 1,000 5-s utterances). ``prepare`` writes 64-row groups (a few MB), and
-``python -m cosytrain.data.reshard`` rewrites upstream's shards that way once.
+The read itself holds a few megabytes whatever the row-group size: pyarrow writes a column chunk as one
+page when a row group is written in one call, as upstream's ``make_parquet_list.py`` does (one 1,000-row
+group per shard, all its audio in one page), and Arrow decompresses a page whole (measured: 310 MB of
+Arrow memory for the first 16 rows of 1,000 5-s utterances). So a binary column whose chunk is over
+``STREAM_MIN_BYTES`` is read with :mod:`cosytrain.data.parquet_pages`, a megabyte at a time, keeping only
+the wanted rows; the small columns still come from Arrow. A layout that module refuses is read with
+Arrow as before (``python -m cosytrain.data.reshard`` rewrites such shards into ``prepare``'s 64-row groups).
 
 Rows are dicts of compact values: ``audio_data`` bytes, ``text``/``utt``/``instruct`` str, and numpy
 arrays for ``speech_token`` (int64) and the embeddings (float64), which every pipeline stage reads
@@ -29,13 +30,12 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from cosytrain.data.parquet_pages import Unsupported, stream_values
+from cosytrain.data.parquet_pages import STREAM_MIN_BYTES, Unsupported, chunk_bytes, stream_values
 
 # every column a pipeline stage reads; absent ones are skipped per shard (reject_speech_token: DPO shards)
 READ_COLUMNS = ("utt", "audio_data", "text", "speech_token", "utt_embedding", "spk_embedding", "instruct",
                 "reject_speech_token")
 BATCH_ROWS = 16
-STREAM_MIN_BYTES = 8 << 20  # a larger audio column chunk is streamed (parquet_pages) instead of read by Arrow
 ROW_OVERHEAD = 1024  # dict, keys, small objects
 
 
@@ -208,13 +208,11 @@ class RowReader:
         ``stream_min_bytes`` uncompressed, where Arrow would hold the page whole."""
         import pyarrow as pa
 
-        md, schema = pf.metadata, pf.schema_arrow
+        schema = pf.schema_arrow
         best, size = None, self.stream_min_bytes
-        for i in range(md.num_columns):
-            name = md.schema.column(i).path
-            if name in cols and (pa.types.is_binary(schema.field(name).type)
-                                 or pa.types.is_large_binary(schema.field(name).type)):
-                chunk = md.row_group(group).column(i).total_uncompressed_size
+        for name in cols:
+            if pa.types.is_binary(schema.field(name).type) or pa.types.is_large_binary(schema.field(name).type):
+                chunk = chunk_bytes(pf.metadata, group, name)
                 if chunk > size:
                     best, size = name, chunk
         return best

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cosytrain.data import parquet_pages
+from cosytrain.data import parquet_bytes, parquet_pages
 from cosytrain.data.parquet_pages import Unsupported, rle_hybrid, stream_values
 
 
@@ -63,7 +63,7 @@ LAYOUTS = {
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("content", ["plain", "nulls+dupes"])
 def test_streamed_values_equal_arrows(tmp_path: Path, monkeypatch, layout: str, content: str) -> None:
-    monkeypatch.setattr(parquet_pages, "CHUNK", 1 << 17)  # several snappy cuts per page at this size
+    monkeypatch.setattr(parquet_bytes, "CHUNK", 1 << 17)  # several snappy cuts per page at this size
     values = _values(600, seed=len(layout), nulls=content != "plain", dupes=content != "plain")
     path = _write(tmp_path / "s.parquet", values, **LAYOUTS[layout])
     pf = pq.ParquetFile(path)
@@ -84,13 +84,13 @@ def test_only_the_page_holding_a_wanted_row_is_decoded(tmp_path: Path, monkeypat
         bodies = [body for _, _, body, _ in parquet_pages._pages(f, start, start + length)]
     assert len(bodies) > 5  # the file really has many pages, so decoding one is a choice
     decoded: list[int] = []
-    real = parquet_pages._decompressed
+    real = parquet_pages.decompressed
 
     def spy(f, offset, length, codec):
         decoded.append(offset)
         return real(f, offset, length, codec)
 
-    monkeypatch.setattr(parquet_pages, "_decompressed", spy)
+    monkeypatch.setattr(parquet_pages, "decompressed", spy)
     _streamed(path, 0, [5])
     assert decoded == [bodies[0]]
     decoded.clear()
@@ -124,12 +124,12 @@ def test_snappy_copy_across_a_cut_is_refused(tmp_path: Path, monkeypatch) -> Non
         block += bytes([61 << 2]) + (size - 1).to_bytes(2, "little") + rng.randbytes(size)
     block += bytes([(63 << 2) | 2]) + (65_000).to_bytes(2, "little")  # copy 64 bytes from 65,000 back
     assert pa.decompress(bytes(block), decompressed_size=total, codec="snappy") is not None  # valid snappy
-    monkeypatch.setattr(parquet_pages, "CHUNK", 1)
+    monkeypatch.setattr(parquet_bytes, "CHUNK", 1)
     with pytest.raises(Unsupported, match="fragment"):
-        list(parquet_pages._snappy_pieces(iter([bytes(block)])))
+        list(parquet_bytes.snappy_pieces(iter([bytes(block)])))
     # and without a cut before the copy, the same block decodes exactly
-    monkeypatch.setattr(parquet_pages, "CHUNK", 1 << 20)
-    whole = b"".join(parquet_pages._snappy_pieces(iter([bytes(block[i:i + 999]) for i in range(0, len(block), 999)])))
+    monkeypatch.setattr(parquet_bytes, "CHUNK", 1 << 20)
+    whole = b"".join(parquet_bytes.snappy_pieces(iter([bytes(block[i:i + 999]) for i in range(0, len(block), 999)])))
     assert whole == pa.decompress(bytes(block), decompressed_size=total, codec="snappy", asbytes=True)
 
 
