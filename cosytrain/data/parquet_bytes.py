@@ -19,6 +19,28 @@ SNAPPY_FRAGMENT = 1 << 16  # the reference compressor never copies across these 
 STREAM_CODECS = {"GZIP": "gzip", "ZSTD": "zstd"}
 
 
+def read_varint(buf: Any, pos: int) -> tuple[int, int]:
+    """(value, position after it) of the unsigned LEB128 varint at ``pos`` (IndexError past the end)."""
+    shift = value = 0
+    while True:
+        b = buf[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return value, pos
+        shift += 7
+
+
+def varint_bytes(value: int) -> bytes:
+    """``value`` as an unsigned LEB128 varint (snappy's length preamble)."""
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
 class Unsupported(Exception):
     """The column chunk uses a layout this reader does not handle: read it with Arrow instead."""
 
@@ -36,13 +58,8 @@ class _Thrift:
         return b
 
     def varint(self) -> int:
-        shift = value = 0
-        while True:
-            b = self.byte()
-            value |= (b & 0x7F) << shift
-            if not b & 0x80:
-                return value
-            shift += 7
+        value, self.pos = read_varint(self.buf, self.pos)
+        return value
 
     def zigzag(self) -> int:
         v = self.varint()
@@ -160,16 +177,11 @@ def snappy_pieces(pieces: Iterator[bytes]) -> Iterator[bytes]:
             buf.extend(piece)
         return True
 
-    pos = shift = total = 0
-    while True:  # the block's uncompressed length
-        if not need(pos + 1):
-            raise Unsupported("empty snappy block")
-        b = buf[pos]
-        pos += 1
-        total |= (b & 0x7F) << shift
-        shift += 7
-        if not b & 0x80:
-            break
+    need(10)
+    try:
+        total, pos = read_varint(buf, 0)  # the block's uncompressed length
+    except IndexError:
+        raise Unsupported("empty snappy block") from None
     del buf[:pos]
     start, pos, out, cut_out = 0, 0, 0, 0
     while out < total:
@@ -199,14 +211,8 @@ def snappy_pieces(pieces: Iterator[bytes]) -> Iterator[bytes]:
         out += length
         if out >= total or (out % SNAPPY_FRAGMENT == 0 and out - cut_out >= CHUNK):
             n_out = out - cut_out
-            varint = bytearray()
-            v = n_out
-            while v >= 0x80:
-                varint.append((v & 0x7F) | 0x80)
-                v >>= 7
-            varint.append(v)
             try:
-                block = pa.decompress(bytes(varint) + bytes(buf[start:pos]), decompressed_size=n_out,
+                block = pa.decompress(varint_bytes(n_out) + bytes(buf[start:pos]), decompressed_size=n_out,
                                       codec="snappy", asbytes=True)
             except (OSError, ValueError) as ex:
                 raise Unsupported(f"snappy block copies across a 64 KiB fragment ({ex})") from None
@@ -284,18 +290,14 @@ def rle_hybrid(data: bytes, bit_width: int, count: int) -> np.ndarray:
     width_bytes = (bit_width + 7) // 8
     pos = got = 0
     while got < count:
-        if pos >= len(data):
-            raise Unsupported("RLE run ends early")
-        shift = head = 0
-        while True:
-            b = data[pos]
-            pos += 1
-            head |= (b & 0x7F) << shift
-            shift += 7
-            if not b & 0x80:
-                break
+        try:
+            head, pos = read_varint(data, pos)
+        except IndexError:
+            raise Unsupported("RLE run ends early") from None
         if head & 1:  # bit-packed: (head >> 1) groups of 8 values
             n = (head >> 1) * 8
+            if pos + (head >> 1) * bit_width > len(data):
+                raise Unsupported("bit-packed run ends early")
             raw = np.frombuffer(data, np.uint8, (head >> 1) * bit_width, pos)
             pos += (head >> 1) * bit_width
             bits = np.unpackbits(raw, bitorder="little").reshape(n, bit_width).astype(np.int64)
