@@ -34,7 +34,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 
 from cosytrain.data.shard_facts import (FACT_COLUMNS, FACT_DTYPE, FACTS_VERSION, SCAN_COLUMNS, STORED_FIELDS,
-                                        ShardFacts, batch_facts, has_fact_columns)
+                                        ShardFacts, has_fact_columns, scan_group_facts)
 
 log = logging.getLogger(__name__)
 
@@ -119,10 +119,10 @@ def read_shard_facts(path: str, batch_rows: int = 64) -> ShardFacts:
             facts["text_blank"] = [not t.strip() for t in texts]
             return ShardFacts(facts, texts, groups, None, from_columns=True)
         have = set(pf.schema_arrow.names)
+        cols = [c for c in SCAN_COLUMNS if c in have]
         parts, texts = [], []
-        for batch in pf.iter_batches(batch_size=batch_rows, columns=[c for c in SCAN_COLUMNS if c in have],
-                                     use_threads=False):
-            f, t = batch_facts(batch)
+        for group in range(len(groups)):
+            f, t = scan_group_facts(path, pf, group, cols, batch_rows)
             parts.append(f)
             texts += t
         facts = np.concatenate(parts) if parts else np.zeros(0, FACT_DTYPE)

@@ -4,10 +4,10 @@ Upstream's ``make_parquet_list.py`` writes each shard (1,000 rows) as ONE row gr
 writes each of its column chunks as one data page; a page is compressed whole, so reading any row
 of such a shard decompresses the whole shard's audio (measured: 310 MB of Arrow memory to get the
 first 16 rows of 1,000 5-s utterances, 2x the 150 MB column). cosytrain trains on those shards as
-they are (each loader worker reads a shard about once per epoch and keeps only the rows it still
-needs), but that transient grows with the row-group size. Rewriting them once with
-``ROW_GROUP_SIZE``-row groups and the ``cosytrain_*`` fact columns (what ``prepare`` writes) bounds
-it to a few MB and lets every later first launch plan batches without reading audio. The rows,
+they are (the row reader streams such a page a megabyte at a time, ``data/parquet_pages.py``), but
+the first launch must scan their audio headers. Rewriting them once with ``ROW_GROUP_SIZE``-row groups
+and the ``cosytrain_*`` fact columns (what ``prepare`` writes) lets every later first launch plan
+batches without reading audio, and lets Arrow read them without the page streamer. The rows,
 their order and upstream's columns are unchanged, so upstream still trains on the output.
 
     python -m cosytrain.data.reshard --data_list data/train/data.list --des_dir data/train_cosy [--num_workers 8]

@@ -9,12 +9,13 @@ is bounded by ``budget`` whatever the corpus or the row-group size, and a row gr
 once per worker per epoch when the budget holds a shuffle window's rows (a few times when it does
 not: it is re-read, rows arrive in row order).
 
-The read itself is not bounded by the budget: parquet compresses a data page whole, and pyarrow
-writes a column chunk as one page when a row group is written in one call, as upstream's
-``make_parquet_list.py`` does (one 1,000-row group per shard). Reading any row of such a shard then
-decompresses all of its audio, about 2x the column for a moment (measured: 310 MB of Arrow memory
-for the first 16 rows of 1,000 5-s utterances). ``prepare`` writes 64-row groups (a few MB), and
-``python -m cosytrain.data.reshard`` rewrites upstream's shards that way once.
+The read itself holds a few megabytes whatever the row-group size: pyarrow writes a column chunk as one
+page when a row group is written in one call, as upstream's ``make_parquet_list.py`` does (one 1,000-row
+group per shard, all its audio in one page), and Arrow decompresses a page whole (measured: 310 MB of
+Arrow memory for the first 16 rows of 1,000 5-s utterances). So a binary column whose chunk is over
+``STREAM_MIN_BYTES`` is read with :mod:`cosytrain.data.parquet_pages`, a megabyte at a time, keeping only
+the wanted rows; the small columns still come from Arrow. A layout that module refuses is read with
+Arrow as before (``python -m cosytrain.data.reshard`` rewrites such shards into ``prepare``'s 64-row groups).
 
 Rows are dicts of compact values: ``audio_data`` bytes, ``text``/``utt``/``instruct`` str, and numpy
 arrays for ``speech_token`` (int64) and the embeddings (float64), which every pipeline stage reads
@@ -28,6 +29,8 @@ from collections import OrderedDict
 from typing import Any, Optional, Sequence
 
 import numpy as np
+
+from cosytrain.data.parquet_pages import STREAM_MIN_BYTES, Unsupported, chunk_bytes, stream_values
 
 # every column a pipeline stage reads; absent ones are skipped per shard (reject_speech_token: DPO shards)
 READ_COLUMNS = ("utt", "audio_data", "text", "speech_token", "utt_embedding", "spk_embedding", "instruct",
@@ -99,6 +102,8 @@ class RowReader:
         self.bytes = 0
         self.peak_bytes = 0
         self.group_reads = 0
+        self.page_streams = 0  # group reads that streamed the audio page by page
+        self.stream_min_bytes = STREAM_MIN_BYTES
         self._files: OrderedDict[int, Any] = OrderedDict()
 
     # ------------------------------------------------------------------ demand
@@ -171,12 +176,21 @@ class RowReader:
         pf = self._file(shard)
         cols = [c for c in self.columns if c in pf.schema_arrow.names]
         self.group_reads += 1
+        big = self._big_column(pf, group, cols)
+        if big is not None:
+            try:
+                self._stream_pages(shard, group, first, stop, wanted, target, cols, big)
+                self.page_streams += 1
+                return
+            except Unsupported:
+                pass  # read the group with Arrow (rows already admitted are not offered twice)
         at = first
         batches = pf.iter_batches(batch_size=BATCH_ROWS, row_groups=[group], columns=cols, use_threads=False)
         try:
             for batch in batches:
                 n = batch.num_rows
-                idx = [i for i in range(n) if int(self.base[shard]) + at + i in wanted]
+                idx = [i for i in range(n) if int(self.base[shard]) + at + i in wanted
+                       and int(self.base[shard]) + at + i not in self._rows]
                 if idx:
                     for i, r in zip(idx, _row_dicts(batch, np.asarray(idx))):
                         g = int(self.base[shard]) + at + i
@@ -188,6 +202,47 @@ class RowReader:
             close = getattr(batches, "close", None)
             if close is not None:
                 close()
+
+    def _big_column(self, pf: Any, group: int, cols: Sequence[str]) -> Optional[str]:
+        """The binary column (the audio) to stream page by page: its chunk in ``group`` is over
+        ``stream_min_bytes`` uncompressed, where Arrow would hold the page whole."""
+        import pyarrow as pa
+
+        schema = pf.schema_arrow
+        best, size = None, self.stream_min_bytes
+        for name in cols:
+            if pa.types.is_binary(schema.field(name).type) or pa.types.is_large_binary(schema.field(name).type):
+                chunk = chunk_bytes(pf.metadata, group, name)
+                if chunk > size:
+                    best, size = name, chunk
+        return best
+
+    def _stream_pages(self, shard: int, group: int, first: int, stop: int, wanted: dict[int, int], target: int,
+                      cols: Sequence[str], big: str) -> None:
+        """``_stream_group`` for a group whose ``big`` column is read with :mod:`parquet_pages` (the other,
+        small columns with Arrow): a row is offered to the cache as soon as its audio is read."""
+        base = int(self.base[shard])
+        partial: dict[int, dict[str, Any]] = {g - base: {} for g in wanted}
+        small = [c for c in cols if c != big]
+        if small:
+            pf = self._file(shard)
+            at = first
+            for batch in pf.iter_batches(batch_size=BATCH_ROWS, row_groups=[group], columns=small,
+                                         use_threads=False):
+                idx = [i for i in range(batch.num_rows) if at + i in partial]
+                for i, row in zip(idx, _row_dicts(batch, np.asarray(idx))):
+                    partial[at + i] = row
+                at += batch.num_rows
+                if at > stop:
+                    break
+        in_group = [r - first for r in sorted(partial)]
+        for rows, value in stream_values(self.shards[shard], self._file(shard).metadata, group, big, in_group):
+            for r in rows:
+                g = base + first + r
+                row = partial.pop(first + r)
+                row[big] = value
+                if g not in self._rows:
+                    self._admit(g, row, wanted[g], force=(g == target))
 
     # ------------------------------------------------------------------ public
     def get_batch(self, refs: Sequence[tuple[int, int]], pos: int) -> list[Any]:

@@ -53,9 +53,16 @@ def _scalar_facts(rows: list[dict]) -> list[dict]:
     return [P.row_facts(r) for r in rows]
 
 
-def test_scanned_facts_equal_row_facts(tmp_path: Path) -> None:
+@pytest.mark.parametrize("audio", ["arrow", "pages"])
+def test_scanned_facts_equal_row_facts(tmp_path: Path, monkeypatch, audio: str) -> None:
     path = write_shard(tmp_path / "s.parquet", VARIED_ROWS, row_group_size=5)
+    streamed = []
+    if audio == "pages":  # every group's audio streamed page by page (data/parquet_pages), however small
+        monkeypatch.setattr(F, "STREAM_MIN_BYTES", 0)
+        real = F.stream_values
+        monkeypatch.setattr(F, "stream_values", lambda *a: streamed.append(a[2]) or real(*a))
     got = B.read_shard_facts(path, batch_rows=7)
+    assert streamed == ([0, 1, 2, 3, 4] if audio == "pages" else [])
     assert got.error is None and not got.from_columns and list(got.row_groups) == [5, 5, 5, 5, 2]
     for rec, want, text in zip(got.facts, _scalar_facts(VARIED_ROWS), got.texts):
         for key in ("num_samples", "sample_rate", "speech_token_len", "speech_token_min", "speech_token_max",

@@ -28,7 +28,7 @@ def shards(tmp_path_factory) -> dict[int, tuple[list[str], list[list[dict]]]]:
     return out
 
 
-def _reader(paths: list[str], demand: list[list[tuple[int, int]]], budget: int) -> RowReader:
+def _reader(paths: list[str], demand: list[list[tuple[int, int]]], budget: int, stream: bool = False) -> RowReader:
     starts = []
     for p in paths:
         md = pq.ParquetFile(p).metadata
@@ -37,7 +37,10 @@ def _reader(paths: list[str], demand: list[list[tuple[int, int]]], budget: int) 
     rows = np.asarray([pq.ParquetFile(p).metadata.num_rows for p in paths])
     flat = [(s, r, pos) for pos, refs in enumerate(demand) for s, r in refs]
     arrays = tuple(np.asarray([f[k] for f in flat]) for k in range(3))
-    return RowReader(paths, starts, rows, arrays, budget)  # type: ignore[arg-type]
+    reader = RowReader(paths, starts, rows, arrays, budget)  # type: ignore[arg-type]
+    if stream:  # stream every group's audio page by page (parquet_pages), however small
+        reader.stream_min_bytes = 0
+    return reader
 
 
 def _demand(rows: list[list[dict]], seed: int) -> list[list[tuple[int, int]]]:
@@ -48,14 +51,15 @@ def _demand(rows: list[list[dict]], seed: int) -> list[list[tuple[int, int]]]:
     return [refs[i:i + 6] for i in range(0, len(refs), 6)]
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["arrow", "pages"])
 @pytest.mark.parametrize("group", [1000, 8])
 @pytest.mark.parametrize("budget_rows", [1, 12, 1000])
-def test_rows_are_exact_and_memory_stays_in_budget(shards, group: int, budget_rows: int) -> None:
+def test_rows_are_exact_and_memory_stays_in_budget(shards, group: int, budget_rows: int, stream: bool) -> None:
     paths, rows = shards[group]
     biggest = max(row_nbytes({k: v for k, v in r.items()}) for rs in rows for r in rs)
     budget = budget_rows * biggest
     demand = _demand(rows, seed=group + budget_rows)
-    reader = _reader(paths, demand, budget)
+    reader = _reader(paths, demand, budget, stream)
     for pos, refs in enumerate(demand):
         got = reader.get_batch(refs, pos)
         for (s, r), row in zip(refs, got):
@@ -66,6 +70,7 @@ def test_rows_are_exact_and_memory_stays_in_budget(shards, group: int, budget_ro
             assert "wav" not in row and "spk" not in row  # only the columns training reads
         assert reader.bytes <= max(budget, 2 * biggest)
     assert reader.peak_bytes <= max(budget, 2 * biggest) and reader.bytes == 0  # nothing left after the epoch
+    assert (reader.page_streams == reader.group_reads) if stream else reader.page_streams == 0
     if budget_rows == 1000:  # enough room: every row group is read once
         n_groups = sum(-(-len(rs) // group) for rs in rows)
         assert reader.group_reads == n_groups
@@ -127,3 +132,48 @@ def test_shard_block_order_equals_sorting_every_row() -> None:
     shard_pos = np.empty(12, np.int64)
     shard_pos[order] = np.arange(12)
     assert shard_order_positions(index, order).tolist() == np.lexsort((row_of, shard_pos[shard_of])).tolist()
+
+
+_PEAK = r"""
+import json, sys
+import numpy as np, pyarrow.compute, pyarrow.parquet as pq
+from cosytrain.data.row_reader import RowReader
+def peak_mb():  # VmHWM restarts at exec (ru_maxrss would carry pytest's own peak over)
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
+path, stream = sys.argv[1], sys.argv[2] == "pages"
+md = pq.ParquetFile(path).metadata
+demand = (np.array([0, 0]), np.array([3, 250]), np.array([0, 1]))
+reader = RowReader([path], [np.array([0])], np.array([md.num_rows]), demand, budget=1 << 20)
+reader.stream_min_bytes = 0 if stream else 1 << 40
+before = peak_mb()
+rows = reader.get_batch([(0, 3)], 0) + reader.get_batch([(0, 250)], 1)
+print(json.dumps({"added_mb": peak_mb() - before, "sizes": [len(r["audio_data"]) for r in rows],
+                  "streams": reader.page_streams}))
+"""
+
+
+def test_one_row_of_a_single_page_shard_costs_a_page_of_arrow_but_not_of_pages(tmp_path: Path) -> None:
+    """Upstream's layout (one row group, all audio in one page): Arrow holds the page whole to return one row,
+    the page streamer a megabyte or so. Peak RSS of a fresh process, so the Arrow figure shows the test can fail."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import pyarrow as pa
+
+    rng = np.random.default_rng(0)
+    audio = [rng.integers(0, 255, 200_000, dtype=np.uint8).tobytes() for _ in range(400)]  # 80 MB, incompressible
+    path = tmp_path / "upstream_layout.parquet"
+    pq.write_table(pa.table({"utt": [f"u{i}" for i in range(400)], "audio_data": audio, "text": ["t"] * 400}), path)
+    assert pq.ParquetFile(path).metadata.num_row_groups == 1
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    got = {}
+    for mode in ("arrow", "pages"):
+        out = subprocess.run([sys.executable, "-c", _PEAK, str(path), mode], capture_output=True, text=True,
+                             env=env, check=True)
+        got[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+        assert got[mode]["sizes"] == [len(audio[3]), len(audio[250])]
+    assert got["pages"]["streams"] >= 1 and got["arrow"]["streams"] == 0
+    assert got["arrow"]["added_mb"] > 100, got  # the whole 80 MB page, more than once
+    assert got["pages"]["added_mb"] < 20, got  # a few MB whatever the row group's size

@@ -77,3 +77,42 @@ def test_prepared_shards_stream_through_upstreams_dataset_processors(
             assert abs(got["speech_feat_len"] - mel_per_token * got["speech_token_len"]) <= 2, (utt, got)
         else:
             assert got["pitch_feat_len"] == got["speech_feat_len"] and got["speech_len"] > 0, (utt, got)
+
+
+def test_a_shard_in_upstreams_layout_streams_page_by_page_like_arrow(oracle: Oracle, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shard written as upstream's make_parquet_list.py writes it (pandas ``to_parquet`` in the oracle): its
+    audio (one page, over the streaming threshold) read by cosytrain's page streamer, by the row reader and by
+    the first-launch scan equals what Arrow reads."""
+    import random
+
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from cosytrain.data import shard_facts
+    from cosytrain.data.index_build import read_shard_facts
+    from cosytrain.data.parquet_pages import STREAM_MIN_BYTES, chunk_bytes, stream_values
+    from cosytrain.data.row_reader import RowReader
+
+    path = tmp_path / "parquet_000000000.tar"
+    made = oracle.run("pandas_shard", {"path": str(path), "rows": 200, "seconds": 1.5, "sample_rate": 22050})
+    pf = pq.ParquetFile(path)
+    assert pf.metadata.num_row_groups == 1 and chunk_bytes(pf.metadata, 0, "audio_data") > STREAM_MIN_BYTES
+    want = pf.read(columns=["utt", "audio_data"]).to_pydict()
+    rows = sorted(random.Random(0).sample(range(200), 25)) + [199]
+    got = {r: v for rs, v in stream_values(str(path), pf.metadata, 0, "audio_data", rows) for r in rs}
+    assert got == {r: want["audio_data"][r] for r in rows}
+
+    demand = (np.zeros(len(rows), np.int64), np.asarray(rows), np.arange(len(rows)))
+    reader = RowReader([str(path)], [np.array([0])], np.array([200]), demand, budget=4 << 20)
+    for pos, r in enumerate(rows):
+        row = reader.get_batch([(0, r)], pos)[0]
+        assert row["utt"] == want["utt"][r] and row["audio_data"] == want["audio_data"][r]
+    assert reader.page_streams == reader.group_reads >= 1
+
+    streamed: list[int] = []
+    real = shard_facts.stream_values
+    monkeypatch.setattr(shard_facts, "stream_values", lambda *a: streamed.append(a[2]) or real(*a))
+    facts = read_shard_facts(str(path))
+    assert facts.error is None and streamed == [0]
+    assert facts.facts["num_samples"].tolist() == made["samples"] and set(facts.facts["sample_rate"]) == {22050}
