@@ -183,9 +183,9 @@ def snappy_pieces(pieces: Iterator[bytes]) -> Iterator[bytes]:
     except IndexError:
         raise Unsupported("empty snappy block") from None
     del buf[:pos]
-    start, pos, out, cut_out = 0, 0, 0, 0
+    pos = out = cut_out = 0
     while out < total:
-        if not need(pos + 5) and not need(pos + 1):
+        if not need(pos + 1):
             raise Unsupported("snappy block ends early")
         tag = buf[pos]
         kind = tag & 3
@@ -212,14 +212,13 @@ def snappy_pieces(pieces: Iterator[bytes]) -> Iterator[bytes]:
         if out >= total or (out % SNAPPY_FRAGMENT == 0 and out - cut_out >= CHUNK):
             n_out = out - cut_out
             try:
-                block = pa.decompress(varint_bytes(n_out) + bytes(buf[start:pos]), decompressed_size=n_out,
+                block = pa.decompress(varint_bytes(n_out) + bytes(buf[:pos]), decompressed_size=n_out,
                                       codec="snappy", asbytes=True)
             except (OSError, ValueError) as ex:
                 raise Unsupported(f"snappy block copies across a 64 KiB fragment ({ex})") from None
             yield block
             del buf[:pos]
-            start = pos = 0
-            cut_out = out
+            pos, cut_out = 0, out
 
 
 def decompressed(f: BinaryIO, offset: int, length: int, codec: str) -> Iterator[bytes]:
@@ -250,8 +249,12 @@ class ByteReader:
         piece = next(self.pieces, None)
         if piece is None:
             return False
-        self.buf, self.at = self.buf[self.at:] + piece if self.at < len(self.buf) else piece, 0
+        self.buf, self.at = piece, 0  # only called once the current piece is used up
         return True
+
+    def rest(self) -> bytes:
+        """Everything not read yet, whole (for a small page)."""
+        return b"".join([self.buf[self.at:], *self.pieces])
 
     def read(self, n: int) -> bytes:
         if self.at + n <= len(self.buf):

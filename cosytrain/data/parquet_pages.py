@@ -40,12 +40,18 @@ def _levels_v1(data: ByteReader, max_def: int, count: int) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------ the reader
+def _column_index(metadata: Any, column: str) -> Optional[int]:
+    for i in range(metadata.num_columns):
+        if metadata.schema.column(i).path == column:
+            return i
+    return None
+
+
 def column_chunk_bounds(metadata: Any, row_group: int, column: str) -> tuple[int, int, str, int]:
     """(first byte, byte length, codec, column index) of ``column``'s chunk in ``row_group``."""
-    names = [metadata.schema.column(i).path for i in range(metadata.num_columns)]
-    if column not in names:
+    index = _column_index(metadata, column)
+    if index is None:
         raise Unsupported(f"no flat column {column!r}")
-    index = names.index(column)
     desc = metadata.schema.column(index)
     if desc.physical_type != "BYTE_ARRAY" or desc.max_repetition_level != 0:
         raise Unsupported(f"{column} is {desc.physical_type}, repetition {desc.max_repetition_level}")
@@ -58,10 +64,8 @@ def column_chunk_bounds(metadata: Any, row_group: int, column: str) -> tuple[int
 
 def chunk_bytes(metadata: Any, row_group: int, column: str) -> int:
     """Uncompressed bytes of ``column``'s chunk in ``row_group`` (0 when there is no such flat column)."""
-    for i in range(metadata.num_columns):
-        if metadata.schema.column(i).path == column:
-            return int(metadata.row_group(row_group).column(i).total_uncompressed_size)
-    return 0
+    index = _column_index(metadata, column)
+    return 0 if index is None else int(metadata.row_group(row_group).column(index).total_uncompressed_size)
 
 
 def stream_values(path: str, metadata: Any, row_group: int, column: str,
@@ -70,17 +74,17 @@ def stream_values(path: str, metadata: Any, row_group: int, column: str,
 
     Rows come in file order (a dictionary value once for all the wanted rows that share it). Only the
     pages up to the last wanted row are read. Raises :class:`Unsupported` (see the module docstring)."""
-    max_def = metadata.schema.column(column_chunk_bounds(metadata, row_group, column)[3]).max_definition_level
     wanted = np.unique(np.asarray(rows, np.int64))
     if not len(wanted):
         return
-    start, length, codec, _ = column_chunk_bounds(metadata, row_group, column)
+    start, length, codec, index = column_chunk_bounds(metadata, row_group, column)
+    max_def = metadata.schema.column(index).max_definition_level
     last = int(wanted[-1])
     with open(path, "rb") as f:
         pages = _pages(f, start, start + length)
         dictionary: Optional[tuple[int, int, int]] = None  # (body offset, body length, values)
         dict_rows: dict[int, list[int]] = {}  # dictionary index -> wanted rows
-        plain_pages: list[tuple[int, dict[int, Any], int, int, int, np.ndarray]] = []
+        plain_pages: list[tuple[int, dict[int, Any], int, int, int, int, np.ndarray]] = []
         row0 = 0
         for kind, header, body, body_len in pages:
             if kind == PAGE_DICTIONARY:
@@ -97,8 +101,11 @@ def stream_values(path: str, metadata: Any, row_group: int, column: str,
             if len(page_rows):
                 encoding = int(sub.get(4 if kind == PAGE_DATA_V2 else 2, -1))
                 if encoding in (ENC_PLAIN_DICTIONARY, ENC_RLE_DICTIONARY):
-                    present, indices = _dictionary_page(f, kind, header, sub, body, body_len, codec, max_def,
-                                                        num_rows)
+                    if int(header.get(2, 0)) > MAX_INDEX_PAGE:
+                        raise Unsupported("dictionary-index page too large to decode whole")
+                    present, data = _page_values(f, kind, sub, body, body_len, codec, max_def, num_rows)
+                    rest = data.rest()
+                    indices = rle_hybrid(rest[1:], rest[0], int(present.sum())) if rest else np.zeros(0, np.int64)
                     value_of_row = np.cumsum(present) - 1
                     for r in page_rows.tolist():
                         if present[r]:
@@ -106,7 +113,7 @@ def stream_values(path: str, metadata: Any, row_group: int, column: str,
                         else:
                             yield [row0 + r], None
                 elif encoding == ENC_PLAIN:
-                    plain_pages.append((kind, sub, body, body_len, row0, page_rows))
+                    plain_pages.append((kind, sub, body, body_len, num_rows, row0, page_rows))
                 else:
                     raise Unsupported(f"data page encoding {encoding}")
             row0 += num_rows
@@ -118,8 +125,16 @@ def stream_values(path: str, metadata: Any, row_group: int, column: str,
             body, body_len, count = dictionary
             values = ByteReader(decompressed(f, body, body_len, codec))
             yield from _plain_values(values, sorted(dict_rows), count, dict_rows)
-        for kind, sub, body, body_len, row0, page_rows in plain_pages:
-            yield from _plain_page(f, kind, sub, body, body_len, codec, max_def, row0, page_rows)
+        for kind, sub, body, body_len, num_rows, row0, page_rows in plain_pages:
+            present, data = _page_values(f, kind, sub, body, body_len, codec, max_def, num_rows)
+            value_of_row = np.cumsum(present) - 1
+            want: dict[int, list[int]] = {}
+            for r in page_rows.tolist():
+                if present[r]:
+                    want[int(value_of_row[r])] = [row0 + r]
+                else:
+                    yield [row0 + r], None
+            yield from _plain_values(data, sorted(want), int(present.sum()), want)
 
 
 def _pages(f: BinaryIO, at: int, end: int) -> Iterator[tuple[int, dict[int, Any], int, int]]:
@@ -142,24 +157,15 @@ def _v2_levels(f: BinaryIO, sub: dict[int, Any], body: int, max_def: int, count:
     return present, rep_len + def_len
 
 
-def _dictionary_page(f: BinaryIO, kind: int, header: dict[int, Any], sub: dict[int, Any], body: int,
-                     body_len: int, codec: str, max_def: int, num_rows: int) -> tuple[np.ndarray, np.ndarray]:
-    """(present mask, dictionary index of each present value) of a dictionary-encoded data page."""
-    if int(header.get(2, 0)) > MAX_INDEX_PAGE:
-        raise Unsupported("dictionary-index page too large to decode whole")
-    if kind == PAGE_DATA:
-        data = ByteReader(decompressed(f, body, body_len, codec))
-        present = _levels_v1(data, max_def, num_rows)
-        rest = b"".join([data.buf[data.at:], *data.pieces])
-    else:
+def _page_values(f: BinaryIO, kind: int, sub: dict[int, Any], body: int, body_len: int, codec: str, max_def: int,
+                 num_rows: int) -> tuple[np.ndarray, ByteReader]:
+    """(present mask, reader of the values section) of a v1 or v2 data page."""
+    if kind == PAGE_DATA_V2:
         present, levels = _v2_levels(f, sub, body, max_def, num_rows)
-        compressed = sub.get(7, True)
-        pieces = decompressed(f, body + levels, body_len - levels, codec if compressed else "UNCOMPRESSED")
-        rest = b"".join(pieces)
-    n_values = int(present.sum())
-    if not rest:
-        return present, np.zeros(0, np.int64)
-    return present, rle_hybrid(rest[1:], rest[0], n_values)
+        codec = codec if sub.get(7, True) else "UNCOMPRESSED"
+        return present, ByteReader(decompressed(f, body + levels, body_len - levels, codec))
+    data = ByteReader(decompressed(f, body, body_len, codec))
+    return _levels_v1(data, max_def, num_rows), data
 
 
 def _plain_values(values: ByteReader, indices: Sequence[int], count: int,
@@ -174,22 +180,3 @@ def _plain_values(values: ByteReader, indices: Sequence[int], count: int,
             at += 1
         yield rows_of[index], values.read(int.from_bytes(values.read(4), "little"))
         at += 1
-
-
-def _plain_page(f: BinaryIO, kind: int, sub: dict[int, Any], body: int, body_len: int, codec: str, max_def: int,
-                row0: int, page_rows: np.ndarray) -> Iterator[tuple[list[int], Optional[bytes]]]:
-    """Wanted rows of a PLAIN data page (v1 or v2), streamed."""
-    num = int(sub.get(3 if kind == PAGE_DATA_V2 else 1, 0))
-    if kind == PAGE_DATA_V2:
-        present, levels = _v2_levels(f, sub, body, max_def, num)
-        compressed = sub.get(7, True)
-        data = ByteReader(decompressed(f, body + levels, body_len - levels, codec if compressed else "UNCOMPRESSED"))
-    else:
-        data = ByteReader(decompressed(f, body, body_len, codec))
-        present = _levels_v1(data, max_def, num)
-    value_of_row = np.cumsum(present) - 1
-    nulls = [[row0 + int(r)] for r in page_rows.tolist() if not present[r]]
-    for rows in nulls:
-        yield rows, None
-    want = {int(value_of_row[r]): [row0 + int(r)] for r in page_rows.tolist() if present[r]}
-    yield from _plain_values(data, sorted(want), int(present.sum()), want)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import heapq
 from collections import OrderedDict
-from typing import Any, Optional, Sequence
+from typing import Any, Container, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -184,18 +184,24 @@ class RowReader:
                 return
             except Unsupported:
                 pass  # read the group with Arrow (rows already admitted are not offered twice)
+        base = int(self.base[shard])
+        todo = {g - base for g in wanted if g not in self._rows}  # not offered twice after a failed stream
+        for r, row in self._arrow_rows(shard, group, first, stop, cols, todo):
+            self._admit(base + r, row, wanted[base + r], force=(base + r == target))
+
+    def _arrow_rows(self, shard: int, group: int, first: int, stop: int, columns: Sequence[str],
+                    rows: Container[int]) -> Iterator[tuple[int, dict[str, Any]]]:
+        """(row of the shard, row dict of ``columns``) for the ``rows`` of ``group``, read with Arrow up to
+        row ``stop``."""
         at = first
-        batches = pf.iter_batches(batch_size=BATCH_ROWS, row_groups=[group], columns=cols, use_threads=False)
+        batches = self._file(shard).iter_batches(batch_size=BATCH_ROWS, row_groups=[group], columns=list(columns),
+                                                 use_threads=False)
         try:
             for batch in batches:
-                n = batch.num_rows
-                idx = [i for i in range(n) if int(self.base[shard]) + at + i in wanted
-                       and int(self.base[shard]) + at + i not in self._rows]
+                idx = [i for i in range(batch.num_rows) if at + i in rows]
                 if idx:
-                    for i, r in zip(idx, _row_dicts(batch, np.asarray(idx))):
-                        g = int(self.base[shard]) + at + i
-                        self._admit(g, r, wanted[g], force=(g == target))
-                at += n
+                    yield from zip((at + i for i in idx), _row_dicts(batch, np.asarray(idx)))
+                at += batch.num_rows
                 if at > stop:
                     break
         finally:
@@ -225,16 +231,7 @@ class RowReader:
         partial: dict[int, dict[str, Any]] = {g - base: {} for g in wanted}
         small = [c for c in cols if c != big]
         if small:
-            pf = self._file(shard)
-            at = first
-            for batch in pf.iter_batches(batch_size=BATCH_ROWS, row_groups=[group], columns=small,
-                                         use_threads=False):
-                idx = [i for i in range(batch.num_rows) if at + i in partial]
-                for i, row in zip(idx, _row_dicts(batch, np.asarray(idx))):
-                    partial[at + i] = row
-                at += batch.num_rows
-                if at > stop:
-                    break
+            partial.update(self._arrow_rows(shard, group, first, stop, small, set(partial)))
         in_group = [r - first for r in sorted(partial)]
         for rows, value in stream_values(self.shards[shard], self._file(shard).metadata, group, big, in_group):
             for r in rows:

@@ -192,27 +192,28 @@ def batch_facts(batch: Any, decode_audio: bool = True) -> tuple[np.ndarray, list
 def scan_group_facts(path: str, pf: Any, group: int, cols: Sequence[str], batch_rows: int) -> tuple[np.ndarray, list[str]]:
     """Facts and texts of one row group. A big audio chunk (upstream's shards put a whole group's audio in one
     page) is streamed page by page (:mod:`parquet_pages`) so the scan holds megabytes, not the page."""
-    parts, texts = [], []
+
+    def arrow_facts(columns: Sequence[str], decode_audio: bool) -> tuple[np.ndarray, list[str]]:
+        parts, texts = [], []
+        for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[group], columns=list(columns),
+                                     use_threads=False):
+            f, t = batch_facts(batch, decode_audio=decode_audio)
+            parts.append(f)
+            texts += t
+        return (np.concatenate(parts) if parts else np.zeros(0, FACT_DTYPE)), texts
+
     rest = [c for c in cols if c != "audio_data"]
     if "audio_data" in cols and rest and chunk_bytes(pf.metadata, group, "audio_data") > STREAM_MIN_BYTES:
         try:
-            for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[group], columns=rest, use_threads=False):
-                f, t = batch_facts(batch, decode_audio=False)
-                parts.append(f)
-                texts += t
-            facts = np.concatenate(parts)
+            facts, texts = arrow_facts(rest, decode_audio=False)
             for rows, value in stream_values(path, pf.metadata, group, "audio_data", range(len(facts))):
                 fact = audio_facts(value)
                 for r in rows:
                     facts[r]["num_samples"], facts[r]["sample_rate"], facts[r]["audio_error"] = fact
             return facts, texts
         except Unsupported:
-            parts, texts = [], []  # read the group with Arrow
-    for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[group], columns=list(cols), use_threads=False):
-        f, t = batch_facts(batch)
-        parts.append(f)
-        texts += t
-    return (np.concatenate(parts) if parts else np.zeros(0, FACT_DTYPE)), texts
+            pass  # read the group with Arrow
+    return arrow_facts(cols, decode_audio=True)
 
 
 # ---------------------------------------------------------------------------------- whole shards
