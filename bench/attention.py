@@ -104,12 +104,10 @@ VARIANTS: dict[str, type] = {"cosytrain": RelPositionMultiHeadedAttention, "naiv
 
 def build_llm() -> torch.nn.Module:
     import yaml
-    from jsonargparse import ArgumentParser
 
-    parser = ArgumentParser(parser_mode="omegaconf")
-    parser.add_argument("--part", type=torch.nn.Module)
-    conf = yaml.safe_load((REPO / "conf" / "model" / "llm_v1_small.yaml").read_text())
-    return parser.instantiate(parser.parse_object({"part": conf})).part
+    from cosytrain.tasks.part_config import instantiate_part
+
+    return instantiate_part(yaml.safe_load((REPO / "conf" / "model" / "llm_v1_small.yaml").read_text()))
 
 
 def set_attention(model: torch.nn.Module, cls: type) -> int:

@@ -44,9 +44,9 @@ sys.path.insert(0, str(REPO))
 
 
 def build_flow(path: Path, overrides: list[str]):
-    import torch
     import yaml
-    from jsonargparse import ArgumentParser
+
+    from cosytrain.tasks.part_config import instantiate_part
 
     conf = yaml.safe_load(path.read_text())
     for item in overrides:  # dotted.path=value under init_args
@@ -56,9 +56,7 @@ def build_flow(path: Path, overrides: list[str]):
         for k in parents:
             node = node[k]
         node[leaf] = yaml.safe_load(value)
-    parser = ArgumentParser(parser_mode="omegaconf")
-    parser.add_argument("--part", type=torch.nn.Module)
-    return parser.instantiate(parser.parse_object({"part": conf})).part
+    return instantiate_part(conf)
 
 
 def held_out(dm, root: Path, count: int, per_voice: int = 1, spks: tuple[str, ...] = ()):

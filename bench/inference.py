@@ -34,14 +34,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _small_part(name: str) -> Any:
     """A part from conf/model/<name>.yaml, built the way LightningCLI builds it."""
-    import torch
     import yaml
-    from jsonargparse import ArgumentParser
 
-    parser = ArgumentParser(parser_mode="omegaconf")
-    parser.add_argument("--part", type=torch.nn.Module)
-    conf = yaml.safe_load((REPO / "conf" / "model" / f"{name}.yaml").read_text())
-    return parser.instantiate(parser.parse_object({"part": conf})).part
+    from cosytrain.tasks.part_config import instantiate_part
+
+    return instantiate_part(yaml.safe_load((REPO / "conf" / "model" / f"{name}.yaml").read_text()))
 
 
 def _parts(model_dir: str | None, device: Any) -> dict[str, Any]:

@@ -68,18 +68,16 @@ def build_part(stage: str, config: str | None = None, qwen_path: str | None = No
     builds a randomly initialised Qwen2 of that size: ``bench/qwen2_0.5b`` is Qwen2.5-0.5B's, the
     official CosyVoice 2/3 LLM size).
     """
-    import torch
     import yaml
-    from jsonargparse import ArgumentParser
 
-    parser = ArgumentParser(parser_mode="omegaconf")
-    parser.add_argument("--part", type=torch.nn.Module)
+    from cosytrain.tasks.part_config import instantiate_part
+
     path = Path(config) if config else REPO / "conf" / "model" / f"{stage}_v1_small.yaml"
     conf = yaml.safe_load((path if path.is_absolute() else REPO / path).read_text())
     backbone = conf.get("init_args", {}).get("llm", {})
     if qwen_path and isinstance(backbone, dict) and "pretrain_path" in backbone.get("init_args", {}):
         backbone["init_args"]["pretrain_path"] = str(qwen_path)
-    return parser.instantiate(parser.parse_object({"part": conf})).part
+    return instantiate_part(conf)
 
 
 def load_batches(data_list: str, n: int, max_frames: int) -> list[dict]:

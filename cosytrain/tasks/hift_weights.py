@@ -103,7 +103,8 @@ def load_hift_checkpoint(checkpoint: str | Path) -> torch.nn.Module:
     run is needed. Bad input is one :class:`ConfigurationError` line naming the file.
     """
     import yaml
-    from jsonargparse import ArgumentParser
+
+    from cosytrain.tasks.part_config import instantiate_part
 
     path = Path(checkpoint)
     if not path.is_file():
@@ -118,10 +119,8 @@ def load_hift_checkpoint(checkpoint: str | Path) -> torch.nn.Module:
         raise ConfigurationError(f"{config_path}: no model.init_args.hift class_path section ({type(exc).__name__});"
                                  " is it the config of a HiFTTask run?") from None
     state = hift_state_dict(path)
-    parser = ArgumentParser(parser_mode="omegaconf")
-    parser.add_argument("--hift", type=torch.nn.Module)
     try:
-        module = parser.instantiate(parser.parse_object({"hift": section})).hift
+        module = instantiate_part(section)
         module.load_state_dict(state, strict=True)
     except Exception as exc:  # noqa: BLE001 - one line naming both files
         raise ConfigurationError(f"{path}: its hift weights do not build/load with {config_path}'s hift section"
