@@ -92,6 +92,44 @@ class SpeechTokenizer(Protocol):
     def tokenize_batch(self, audios16k: Sequence[np.ndarray]) -> list[list[int]]: ...
 
 
+class _WindowBatches:
+    """What the ONNX and PyTorch tokenizers share: 30-s windows in padded batches of ``batch_size``."""
+
+    token_rate: int
+    batch_size: int
+
+    @property
+    def stride(self) -> int:
+        return 100 // self.token_rate
+
+    def _tokenize_mels(self, mels: list[torch.Tensor]) -> list[list[int]]:
+        raise NotImplementedError
+
+    def tokenize_batch(self, audios16k: Sequence[np.ndarray]) -> list[list[int]]:
+        """Cut every utterance into its 30-s windows, run those sorted by length in batches, re-join."""
+        pieces: list[tuple[int, torch.Tensor]] = []
+        for u, audio in enumerate(audios16k):
+            for w in windows_16k(np.asarray(audio, np.float32)):
+                pieces.append((u, whisper_log_mel(w, 128)))
+        order = sorted(range(len(pieces)), key=lambda k: pieces[k][1].shape[1])  # less padding per batch
+        tokens: list[list[int] | None] = [None] * len(pieces)
+        for b in range(0, len(order), self.batch_size):
+            idx = order[b:b + self.batch_size]
+            for k, toks in zip(idx, self._tokenize_mels([pieces[k][1] for k in idx])):
+                tokens[k] = toks
+        result: list[list[int]] = [[] for _ in audios16k]
+        for (u, _), toks in zip(pieces, tokens):
+            result[u].extend(toks or [])
+        return result
+
+
+def _pad_mels(mels: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A zero-padded float32 ``(B, n_mels, T_max)`` batch and the int32 frame counts."""
+    lens = torch.tensor([m.shape[1] for m in mels], dtype=torch.int32)
+    feats = torch.nn.utils.rnn.pad_sequence([m.T for m in mels], batch_first=True).transpose(1, 2)
+    return feats.to(torch.float32).contiguous(), lens
+
+
 # ------------------------------------------------------------------------------------------ ONNX
 
 
@@ -110,7 +148,7 @@ def _ort_session(path: str | Path, providers: Sequence[str] | None = None):
     return onnxruntime.InferenceSession(str(path), sess_options=opt, providers=provs or ["CPUExecutionProvider"])
 
 
-class OnnxSpeechTokenizer:
+class OnnxSpeechTokenizer(_WindowBatches):
     """Upstream ``speech_tokenizer_v1.onnx`` / ``v2.onnx`` / ``v3.onnx`` through onnxruntime.
 
     Batches pad the log-mel with zeros and pass the true ``feats_length``; each output row is cut to
@@ -139,27 +177,16 @@ class OnnxSpeechTokenizer:
         stride = max(1, round(frames / max(out.shape[1], 1)))
         return 100 // stride
 
-    @property
-    def stride(self) -> int:
-        return 100 // self.token_rate
-
     def _tokenize_mels(self, mels: list[torch.Tensor]) -> list[list[int]]:
-        lens = [m.shape[1] for m in mels]
-        tmax = max(lens)
-        feats = np.zeros((len(mels), 128, tmax), np.float32)
-        for i, m in enumerate(mels):
-            feats[i, :, :m.shape[1]] = m.numpy()
-        out = self._run(feats, np.asarray(lens, np.int32))
-        return [out[i, :math.ceil(n / self.stride)].astype(np.int64).tolist() for i, n in enumerate(lens)]
-
-    def tokenize_batch(self, audios16k: Sequence[np.ndarray]) -> list[list[int]]:
-        return _batched_windows(audios16k, self.batch_size, self._tokenize_mels)
+        feats, lens = _pad_mels(mels)
+        out = self._run(feats.numpy(), lens.numpy())
+        return [out[i, :math.ceil(n / self.stride)].astype(np.int64).tolist() for i, n in enumerate(lens.tolist())]
 
 
 # ---------------------------------------------------------------------------- PyTorch (GPU) path
 
 
-class S3TorchSpeechTokenizer:
+class S3TorchSpeechTokenizer(_WindowBatches):
     """Upstream's tokenizer run as a PyTorch model on a device: the way to tokenize a big corpus on a GPU.
 
     The model is the ``s3tokenizer`` package's re-implementation of the v1/v2/v3 tokenizers
@@ -190,40 +217,12 @@ class S3TorchSpeechTokenizer:
         model = s3tokenizer.load_model(str(path))  # a file path: no download; v2/v3 picked from the name
         return cls(model, 50 if type(model).__name__ == "S3Tokenizer" else 25, device, batch_size)
 
-    @property
-    def stride(self) -> int:
-        return 100 // self.token_rate
-
     def _tokenize_mels(self, mels: list[torch.Tensor]) -> list[list[int]]:
-        lens = torch.tensor([m.shape[1] for m in mels], dtype=torch.int32)
-        feats = torch.zeros(len(mels), mels[0].shape[0], int(lens.max()))
-        for i, m in enumerate(mels):
-            feats[i, :, :m.shape[1]] = m
+        feats, lens = _pad_mels(mels)
         with torch.inference_mode():
             codes, code_len = self.model.quantize(feats.to(self.device), lens.to(self.device))
         codes, code_len = codes.cpu(), code_len.cpu()
         return [codes[i, :int(code_len[i])].to(torch.int64).tolist() for i in range(len(mels))]
-
-    def tokenize_batch(self, audios16k: Sequence[np.ndarray]) -> list[list[int]]:
-        return _batched_windows(audios16k, self.batch_size, self._tokenize_mels)
-
-
-def _batched_windows(audios16k: Sequence[np.ndarray], batch_size: int, run) -> list[list[int]]:
-    """Cut every utterance into its 30-s windows, run those sorted by length in batches, re-join."""
-    pieces: list[tuple[int, torch.Tensor]] = []
-    for u, audio in enumerate(audios16k):
-        for w in windows_16k(np.asarray(audio, np.float32)):
-            pieces.append((u, whisper_log_mel(w, 128)))
-    order = sorted(range(len(pieces)), key=lambda k: pieces[k][1].shape[1])  # less padding per batch
-    tokens: list[list[int] | None] = [None] * len(pieces)
-    for b in range(0, len(order), batch_size):
-        idx = order[b:b + batch_size]
-        for k, toks in zip(idx, run([pieces[k][1] for k in idx])):
-            tokens[k] = toks
-    result: list[list[int]] = [[] for _ in audios16k]
-    for (u, _), toks in zip(pieces, tokens):
-        result[u].extend(toks or [])
-    return result
 
 
 # -------------------------------------------------------------------------------------- built-in
