@@ -97,7 +97,7 @@ def _write_shard(args: tuple[str, int, int, float, str]) -> None:
         "speech_token": pa.ListArray.from_arrays(tok_off, pa.array(tokens, pa.int64())),
     }
     table = pa.Table.from_pydict(cols, schema=S.shard_schema())
-    if layout == "cosytrain":  # the columns prepare writes (shards.with_fact_columns), computed in bulk
+    if layout == "cosytrain":  # the columns prepare writes (shard_facts.append_fact_columns), computed in bulk
         facts = {"num_samples": samples,
                  "sample_rate": np.full(n, SR, np.int32),
                  "audio_error": np.zeros(n, np.uint8), "speech_token_len": ntok.astype(np.int32),
@@ -105,9 +105,7 @@ def _write_shard(args: tuple[str, int, int, float, str]) -> None:
                  "speech_token_max": np.maximum.reduceat(tokens, tok_off[:-1]),
                  "utt_embedding_dim": np.full(n, 192, np.int32), "utt_embedding_finite": np.ones(n, bool),
                  "spk_embedding_dim": np.full(n, 192, np.int32), "spk_embedding_finite": np.ones(n, bool)}
-        for name in F.STORED_FIELDS:
-            table = table.append_column(F.COLUMN_PREFIX + name, pa.array(facts[name].astype(F.FACT_DTYPE[name])))
-        table = table.replace_schema_metadata({F.FACTS_META_KEY: str(F.FACTS_VERSION).encode()})
+        table = F.append_fact_columns(table, facts)
         pq.write_table(table, path, compression="snappy", row_group_size=S.ROW_GROUP_SIZE)
     else:  # pandas' to_parquet in make_parquet_list.py: one row group per shard
         pq.write_table(table, path, compression="snappy", row_group_size=n)

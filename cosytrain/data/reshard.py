@@ -29,7 +29,7 @@ def reshard_one(args: tuple[str, str, int]) -> tuple[str, int, Optional[str]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from cosytrain.data.shard_facts import COLUMN_PREFIX, FACTS_META_KEY, FACTS_VERSION, STORED_FIELDS, batch_facts
+    from cosytrain.data.shard_facts import append_fact_columns, batch_facts
     from cosytrain.utils.atomic import atomic_open
 
     src, dst, group = args
@@ -43,12 +43,7 @@ def reshard_one(args: tuple[str, str, int]) -> tuple[str, int, Optional[str]]:
             writer = None
             for batch in pf.iter_batches(batch_size=group):
                 facts, _ = batch_facts(batch)
-                table = pa.Table.from_batches([batch])
-                for name in STORED_FIELDS:
-                    table = table.append_column(COLUMN_PREFIX + name, pa.array(facts[name]))
-                meta = dict(table.schema.metadata or {})
-                meta[FACTS_META_KEY] = str(FACTS_VERSION).encode()
-                table = table.replace_schema_metadata(meta)
+                table = append_fact_columns(pa.Table.from_batches([batch]), facts)
                 if writer is None:
                     writer = pq.ParquetWriter(handle, table.schema, compression="snappy")
                 writer.write_table(table, row_group_size=group)

@@ -227,8 +227,20 @@ def has_fact_columns(schema: Any) -> bool:
 # ------------------------------------------------------------------------------ writing (prepare)
 
 
-def fact_columns_for_rows(rows: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
-    """The ``cosytrain_*`` columns for rows that carry ``num_samples`` and ``sample_rate`` (prepare's)."""
+def append_fact_columns(table: Any, facts: Any) -> Any:
+    """``table`` with the ``cosytrain_*`` columns of ``facts`` (a ``FACT_DTYPE`` record array, or arrays by
+    field name) and the schema tag :func:`has_fact_columns` checks: what ``prepare`` and ``reshard`` write."""
+    import pyarrow as pa
+
+    for name in STORED_FIELDS:
+        table = table.append_column(COLUMN_PREFIX + name, pa.array(np.asarray(facts[name]).astype(FACT_DTYPE[name])))
+    meta = dict(table.schema.metadata or {})
+    meta[FACTS_META_KEY] = str(FACTS_VERSION).encode()
+    return table.replace_schema_metadata(meta)
+
+
+def facts_for_rows(rows: Sequence[Mapping[str, Any]]) -> np.ndarray:
+    """The facts of rows that carry ``num_samples`` and ``sample_rate`` (prepare's), no audio decoded."""
     import pyarrow as pa
 
     n = len(rows)
@@ -244,4 +256,4 @@ def fact_columns_for_rows(rows: Sequence[Mapping[str, Any]]) -> dict[str, np.nda
     for name in STORED_FIELDS:
         if name not in ("num_samples", "sample_rate", "audio_error"):
             facts[name] = lists[name]
-    return {COLUMN_PREFIX + name: facts[name] for name in STORED_FIELDS}
+    return facts

@@ -101,15 +101,11 @@ ROW_GROUP_SIZE = 64
 def with_fact_columns(table: pa.Table, rows: Sequence[Mapping[str, Any]]) -> pa.Table:
     """Add the ``cosytrain_*`` fact columns (see ``shard_facts``) when every row carries
     ``num_samples`` and ``sample_rate``: the index then plans batches without reading any audio."""
-    from cosytrain.data.shard_facts import FACTS_META_KEY, FACTS_VERSION, fact_columns_for_rows
+    from cosytrain.data.shard_facts import append_fact_columns, facts_for_rows
 
     if not rows or not all("num_samples" in r and "sample_rate" in r for r in rows):
         return table
-    for name, values in fact_columns_for_rows(rows).items():
-        table = table.append_column(name, pa.array(values))
-    meta = dict(table.schema.metadata or {})
-    meta[FACTS_META_KEY] = str(FACTS_VERSION).encode()
-    return table.replace_schema_metadata(meta)
+    return append_fact_columns(table, facts_for_rows(rows))
 
 
 def write_shard(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -> None:
