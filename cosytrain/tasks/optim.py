@@ -29,6 +29,28 @@ _MOVED_KEYS = {
 }
 
 
+def _typed(value: Any) -> Any:
+    """A command-line value kept as text (``--model.init_args.train_conf.optim_conf.lr 2e-3`` arrives as
+    the string "2e-3": ``train_conf`` is a free-form dict, so jsonargparse cannot type it) -> its number
+    or YAML value; anything else unchanged."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        pass
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    import yaml
+
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+
+
 @dataclass
 class TrainConf:
     """The optimisation part of upstream's ``train_conf`` (defaults: upstream's v1 recipe)."""
@@ -50,6 +72,12 @@ class TrainConf:
         unknown = sorted(set(conf) - known)
         if unknown:
             raise ConfigurationError(f"train_conf has unknown key(s) {unknown}; known: {sorted(known)}")
+        for key in ("optim_conf", "scheduler_conf"):
+            if isinstance(conf.get(key), Mapping):
+                conf[key] = {k: _typed(v) for k, v in conf[key].items()}
+        for key in ("grad_clip", "accum_grad"):
+            if key in conf:
+                conf[key] = _typed(conf[key])
         out = cls(**conf)
         if out.optim.lower() not in OPTIMIZERS:
             raise ConfigurationError(f"train_conf.optim={out.optim!r} is not one of {sorted(OPTIMIZERS)}")
@@ -65,7 +93,11 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], conf: TrainConf) -> to
     params = list(params)
     if not params:
         raise ConfigurationError("no trainable parameters: every parameter is frozen (check the task's `freeze` list)")
-    return OPTIMIZERS[conf.optim.lower()](params, **conf.optim_conf)
+    try:
+        return OPTIMIZERS[conf.optim.lower()](params, **conf.optim_conf)
+    except (TypeError, ValueError) as exc:
+        raise ConfigurationError(f"train_conf.optim_conf={conf.optim_conf!r} does not suit {conf.optim}: "
+                                 f"{' '.join(str(exc).split())}") from None
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, conf: TrainConf) -> torch.optim.lr_scheduler.LRScheduler:
@@ -73,7 +105,11 @@ def build_scheduler(optimizer: torch.optim.Optimizer, conf: TrainConf) -> torch.
     cls = SCHEDULERS[conf.scheduler.lower()]
     if cls is ConstantLR:
         return ConstantLR(optimizer)
-    return cls(optimizer, **conf.scheduler_conf)
+    try:
+        return cls(optimizer, **conf.scheduler_conf)
+    except (TypeError, ValueError) as exc:
+        raise ConfigurationError(f"train_conf.scheduler_conf={conf.scheduler_conf!r} does not suit "
+                                 f"{conf.scheduler}: {' '.join(str(exc).split())}") from None
 
 
 def build_optimization(params: Iterable[torch.nn.Parameter], conf: Mapping[str, Any] | TrainConf) -> dict[str, Any]:

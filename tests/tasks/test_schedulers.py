@@ -65,3 +65,22 @@ def test_train_conf_from_upstream_keys_and_errors():
         TrainConf.from_dict({"optimiser": "adam"})
     with pytest.raises(ValueError, match="lamb"):  # sgd became a known optimizer (issue 11)
         TrainConf.from_dict({"optim": "lamb"})
+
+
+def test_train_conf_values_typed_on_the_command_line_become_numbers(tmp_path):
+    """``--model.init_args.train_conf.optim_conf.lr 2e-3`` reaches the task as the string '2e-3'."""
+    from cosytrain.errors import ConfigurationError
+
+    p = torch.nn.Parameter(torch.zeros(2))
+    out = build_optimization([p], {"optim": "adam", "optim_conf": {"lr": "2e-3", "betas": "[0.8, 0.99]"},
+                                   "scheduler": "warmuplr", "scheduler_conf": {"warmup_steps": "10"},
+                                   "grad_clip": "1.5", "accum_grad": "2"})
+    group = out["optimizer"].param_groups[0]
+    assert group["initial_lr"] == 2e-3 and group["betas"] == [0.8, 0.99]
+    assert out["lr_scheduler"]["scheduler"].warmup_steps == 10
+    conf = TrainConf.from_dict({"grad_clip": "1.5", "accum_grad": "2"})
+    assert conf.grad_clip == 1.5 and conf.accum_grad == 2
+    with pytest.raises(ConfigurationError, match=r"optim_conf=.*'fast'.*adam"):
+        build_optimization([p], {"optim": "adam", "optim_conf": {"lr": "fast"}})
+    with pytest.raises(ConfigurationError, match=r"scheduler_conf=.*warmuplr"):
+        build_optimization([p], {"scheduler": "warmuplr", "scheduler_conf": {"warmup_step": 5}})
