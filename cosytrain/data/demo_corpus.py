@@ -30,8 +30,9 @@ from typing import Iterator, Sequence
 from cosytrain.data.shards import atomic_write_text
 
 SAMPLE_RATE = 22050
-DEMO_VERSION = 1
+DEMO_VERSION = 2  # 2: generated training sentences before the hand-written ones
 SENTENCES_FILE = Path(__file__).with_name("assets") / "demo_sentences.txt"
+NUM_GENERATED = 2000  # template sentences (cosytrain.data.demo_text) the LLM learns to read from
 
 
 @dataclass(frozen=True)
@@ -59,13 +60,22 @@ def default_root() -> Path:
 
 
 def load_sentences() -> list[str]:
+    """The hand-written sentences (natural text; the last ones become the held-out shard)."""
     lines = SENTENCES_FILE.read_text(encoding="utf-8").splitlines()
     return [s.strip() for s in lines if s.strip()]
 
 
+def corpus_sentences() -> list[str]:
+    """Every sentence of the corpus in order: ``NUM_GENERATED`` generated ones, then the hand-written."""
+    from cosytrain.data.demo_text import generated_sentences
+
+    written = load_sentences()
+    return generated_sentences(NUM_GENERATED, exclude=frozenset(written)) + written
+
+
 def plan(num_utts: int | None = None) -> list[tuple[str, DemoVoice, str]]:
     """(utt id, voice, sentence) for sentence i spoken by voice i mod len(VOICES)."""
-    sentences = load_sentences()
+    sentences = corpus_sentences()
     n = len(sentences) if num_utts is None else min(num_utts, len(sentences))
     out = []
     for i in range(n):
@@ -208,7 +218,8 @@ def _build_locked(root: Path, num_utts: int | None, token_rate: int, num_workers
     from cosytrain.data.sources import Utterance, write_kaldi_dir
 
     items = plan(num_utts)
-    stamp = {"version": DEMO_VERSION, "num_utts": len(items), "voices": [v.__dict__ for v in VOICES],
+    stamp = {"version": DEMO_VERSION, "num_utts": len(items), "num_generated": NUM_GENERATED,
+             "voices": [v.__dict__ for v in VOICES],
              "sentences_sha1": hashlib.sha1(SENTENCES_FILE.read_bytes()).hexdigest()}
     stamp_path = root / "corpus.json"
     kaldi = root / "kaldi"
@@ -243,7 +254,7 @@ def ensure_demo_corpus(root: str | Path | None = None, token_rate: int = 50, num
         if stamp.get("version") == DEMO_VERSION and stamp.get("num_utts") == len(plan(num_utts)):
             return data_list
     print(f"cosytrain: preparing the demo corpus ({len(plan(num_utts))} utterances, espeak-ng, {token_rate} Hz tokens)"
-          f" in {root}; first run only, about half a minute", file=sys.stderr, flush=True)
+          f" in {root}; first run only, about a minute", file=sys.stderr, flush=True)
     return build_demo_corpus(root, num_utts=num_utts, token_rate=token_rate, progress=True)
 
 

@@ -39,7 +39,7 @@ def test_full_default_build_within_budget(demo):
         assert (kaldi / name).is_file()
     assert len((kaldi / "wav.scp").read_text().splitlines()) == len(rows)
     # Text stays raw in the shards (tokenised at load time); audio is 22.05 kHz; tokens at 50 Hz.
-    sentences = set(D.load_sentences())
+    sentences = set(D.corpus_sentences())
     index = {r["utt"]: r for r in S.read_index(root / "shards_50hz")}
     for r in rows[:: max(1, len(rows) // 20)]:
         assert r["text"] in sentences
@@ -47,6 +47,28 @@ def test_full_default_build_within_budget(demo):
         assert info.samplerate == 22050 and info.channels == 1
         assert abs(len(r["speech_token"]) - 50 * info.duration) <= 2
         assert index[r["utt"]]["sample_rate"] == 22050
+
+
+def test_held_out_shard_is_the_hand_written_sentences(demo):
+    root, data_list, _ = demo
+    _, val = D.split_data_list(data_list, 1)
+    held_out = [r["text"] for r in S.iter_rows(val, columns=["text"])]
+    written = D.load_sentences()
+    assert held_out == written[-len(held_out):] and 0 < len(held_out) < len(written)
+    assert len(D.plan()) == D.NUM_GENERATED + len(written)
+
+
+def test_generated_sentences_are_distinct_reproducible_and_varied():
+    from cosytrain.data.demo_text import generated_sentences
+
+    written = frozenset(D.load_sentences())
+    a = generated_sentences(3000, exclude=written)
+    assert a == generated_sentences(3000, exclude=written) and len(set(a)) == 3000 and not written & set(a)
+    assert a[:100] == generated_sentences(100, exclude=written)  # a shorter corpus is a prefix
+    assert generated_sentences(50, seed=1) != generated_sentences(50, seed=0)
+    words = {w.strip(",.?!").lower() for s in a for w in s.split()}
+    assert len(words) > 300  # many words in many contexts, not a few templates repeated
+    assert all(s[0].isupper() and s[-1] in ".?" for s in a)
 
 
 def test_builtin_speaker_embedding_separates_demo_speakers(demo):

@@ -30,7 +30,7 @@ CASES = {"v1_50hz": ("cosyvoice.yaml", (0, 40960)), "v2_25hz": ("cosyvoice2.yaml
 def shards(demo_corpus: Any, data_25hz: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from cosytrain.data.demo_corpus import demo_shard_dir
 
-    # v1: the first shard of the full demo corpus (upstream's pipeline on all 248 utterances costs minutes)
+    # v1: the first shard of the full demo corpus (upstream's pipeline on all of its 2,248 utterances costs minutes)
     full = demo_shard_dir(demo_corpus[0], 50) / "data.list"
     first = tmp_path_factory.mktemp("v1_shard") / "data.list"
     first.write_text(full.read_text().splitlines()[0] + "\n")
