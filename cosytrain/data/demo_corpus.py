@@ -218,9 +218,9 @@ def _build_locked(root: Path, num_utts: int | None, token_rate: int, num_workers
     from cosytrain.data.sources import Utterance, write_kaldi_dir
 
     items = plan(num_utts)
-    stamp = {"version": DEMO_VERSION, "num_utts": len(items), "num_generated": NUM_GENERATED,
-             "voices": [v.__dict__ for v in VOICES],
-             "sentences_sha1": hashlib.sha1(SENTENCES_FILE.read_bytes()).hexdigest()}
+    # the hash of the planned sentences themselves: an edit of the hand-written file or of the generator rebuilds
+    stamp = {"version": DEMO_VERSION, "num_utts": len(items), "voices": [v.__dict__ for v in VOICES],
+             "sentences_sha1": hashlib.sha1("\n".join(text for _, _, text in items).encode()).hexdigest()}
     stamp_path = root / "corpus.json"
     kaldi = root / "kaldi"
     have = stamp_path.is_file() and json.loads(stamp_path.read_text()) == stamp
@@ -249,11 +249,12 @@ def ensure_demo_corpus(root: str | Path | None = None, token_rate: int = 50, num
     root = Path(root) if root is not None else default_root()
     data_list = _shard_dir(root, token_rate) / "data.list"
     stamp_path = root / "corpus.json"
+    planned = len(plan(num_utts))
     if data_list.is_file() and stamp_path.is_file():
         stamp = json.loads(stamp_path.read_text())
-        if stamp.get("version") == DEMO_VERSION and stamp.get("num_utts") == len(plan(num_utts)):
+        if stamp.get("version") == DEMO_VERSION and stamp.get("num_utts") == planned:
             return data_list
-    print(f"cosytrain: preparing the demo corpus ({len(plan(num_utts))} utterances, espeak-ng, {token_rate} Hz tokens)"
+    print(f"cosytrain: preparing the demo corpus ({planned} utterances, espeak-ng, {token_rate} Hz tokens)"
           f" in {root}; first run only, about a minute", file=sys.stderr, flush=True)
     return build_demo_corpus(root, num_utts=num_utts, token_rate=token_rate, progress=True)
 
