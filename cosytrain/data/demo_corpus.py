@@ -2,9 +2,11 @@
 
 Speech comes from libespeak-ng as shipped in the ``espeakng-loader`` wheel (library + voice data),
 driven through ctypes, so no system package and no download is needed. Several espeak voice variants
-with different pitch and rate stand in for speakers. The result is a Kaldi-style folder plus
-parquet shards prepared with the built-in (stand-in) tokenizer and speaker embedding: enough for
-every recipe to run end to end on any machine, not for a voice anyone would want to listen to.
+with different pitch and rate stand in for speakers. The result is a Kaldi-style folder, the phone
+alignment espeak-ng reports while it speaks (``kaldi/phones.ctm``), and parquet shards whose speech
+tokens come from that alignment (``alignment_tokens.py``: tokens that follow the words, as upstream's
+supervised S3 tokens do, so the demo LLM learns to read in minutes) with the built-in stand-in speaker
+embedding: enough for every recipe to run end to end on any machine.
 
 Determinism: libespeak-ng keeps hidden state between calls (its pitch "flutter" phase is never
 reset, not even by ``espeak_Terminate``), so the same sentence gives different samples depending on
@@ -30,9 +32,10 @@ from typing import Iterator, Sequence
 from cosytrain.data.shards import atomic_write_text
 
 SAMPLE_RATE = 22050
-DEMO_VERSION = 2  # 2: generated training sentences before the hand-written ones
+DEMO_VERSION = 3  # 2: generated training sentences before the hand-written ones; 3: phone-alignment tokens
 SENTENCES_FILE = Path(__file__).with_name("assets") / "demo_sentences.txt"
 NUM_GENERATED = 2000  # template sentences (cosytrain.data.demo_text) the LLM learns to read from
+ALIGNMENT_FILE = "phones.ctm"  # in kaldi/: what espeak-ng said when, the source of the speech tokens
 
 
 @dataclass(frozen=True)
@@ -88,18 +91,30 @@ def plan(num_utts: int | None = None) -> list[tuple[str, DemoVoice, str]]:
 
 
 class _Espeak:
-    """Minimal ctypes binding: synchronous synthesis into a Python buffer via the synth callback."""
+    """Minimal ctypes binding: synchronous synthesis into a Python buffer via the synth callback, with
+    the phone events (name and start sample) espeak-ng reports while it speaks."""
 
     AUDIO_OUTPUT_SYNCHRONOUS = 2
+    INITIALIZE_PHONEME_EVENTS = 1
     POS_CHARACTER = 1
     CHARS_UTF8 = 1
     ENDPAUSE = 0x1000
     RATE, PITCH = 1, 3
+    EVENT_LIST_TERMINATED, EVENT_PHONEME = 0, 7
 
     def __init__(self) -> None:
         import ctypes
 
         import espeakng_loader
+
+        class _EventId(ctypes.Union):
+            _fields_ = [("number", ctypes.c_int), ("name", ctypes.c_char_p), ("string", ctypes.c_char * 8)]
+
+        class _Event(ctypes.Structure):  # espeak_EVENT of speak_lib.h
+            _fields_ = [("type", ctypes.c_int), ("unique_identifier", ctypes.c_uint),
+                        ("text_position", ctypes.c_int), ("length", ctypes.c_int),
+                        ("audio_position", ctypes.c_int), ("sample", ctypes.c_int),
+                        ("user_data", ctypes.c_void_p), ("id", _EventId)]
 
         self.ct = ctypes
         self.lib = ctypes.CDLL(espeakng_loader.get_library_path())
@@ -109,13 +124,14 @@ class _Espeak:
         self.lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
         self.lib.espeak_Synth.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int,
                                           ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]
-        sr = self.lib.espeak_Initialize(self.AUDIO_OUTPUT_SYNCHRONOUS, 0,
-                                        espeakng_loader.get_data_path().encode(), 0)
+        sr = self.lib.espeak_Initialize(self.AUDIO_OUTPUT_SYNCHRONOUS, 0, espeakng_loader.get_data_path().encode(),
+                                        self.INITIALIZE_PHONEME_EVENTS)
         if sr <= 0:
             raise RuntimeError(f"libespeak-ng from espeakng-loader failed to initialise (code {sr})")
         self.sample_rate = int(sr)
         self._chunks: list = []
-        proto = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
+        self._phones: list[tuple[str, int]] = []
+        proto = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.POINTER(_Event))
         self._cb = proto(self._on_audio)  # keep a reference: the library calls it later
         self.lib.espeak_SetSynthCallback(self._cb)
 
@@ -124,9 +140,15 @@ class _Espeak:
 
         if n > 0:
             self._chunks.append(np.ctypeslib.as_array(wav, shape=(n,)).copy())
+        i = 0
+        while events[i].type != self.EVENT_LIST_TERMINATED:
+            if events[i].type == self.EVENT_PHONEME:
+                self._phones.append((events[i].id.string.decode("ascii", "replace"), int(events[i].sample)))
+            i += 1
         return 0
 
     def say(self, text: str, voice: DemoVoice, seed: int = 0):
+        """(audio in [-1, 1], [(phone, start, end)] in samples): the phones cover the audio end to end."""
         import numpy as np
 
         self.libc.srand(seed)
@@ -135,42 +157,50 @@ class _Espeak:
             raise RuntimeError(f"espeak-ng voice {voice.voice!r} not found in the espeakng-loader data")
         self.lib.espeak_SetParameter(self.RATE, voice.rate, 0)
         self.lib.espeak_SetParameter(self.PITCH, voice.pitch, 0)
-        self._chunks = []
+        self._chunks, self._phones = [], []
         data = text.encode("utf-8")
         err = self.lib.espeak_Synth(data, len(data) + 1, 0, self.POS_CHARACTER, 0,
                                     self.CHARS_UTF8 | self.ENDPAUSE, None, None)
         self.lib.espeak_Synchronize()
         if err != 0 or not self._chunks:
             raise RuntimeError(f"espeak-ng failed to synthesise {text!r} (code {err})")
-        return np.concatenate(self._chunks).astype(np.float32) / 32768.0
+        audio = np.concatenate(self._chunks).astype(np.float32) / 32768.0
+        starts = [min(s, len(audio)) for _, s in self._phones]
+        ends = starts[1:] + [len(audio)]
+        phones = [(p, s, e) for (p, _), s, e in zip(self._phones, starts, ends) if e > s]
+        return audio, phones
 
 
-def _synthesise_job(items: list[tuple[str, DemoVoice, str]], wav_dir: str) -> list[str]:
-    """Runs in a fresh process: synthesise every item in order and write 16-bit wavs at 22.05 kHz."""
+def _synthesise_job(items: list[tuple[str, DemoVoice, str]], wav_dir: str) -> list[tuple[str, list]]:
+    """Runs in a fresh process: synthesise every item in order and write 16-bit wavs at 22.05 kHz;
+    returns each wav's path and its phones as (start s, end s, phone)."""
     import numpy as np
     import soundfile as sf
 
     engine = _Espeak()
-    paths = []
+    if engine.sample_rate != SAMPLE_RATE:  # the phone times would need resampling too
+        raise RuntimeError(f"libespeak-ng speaks at {engine.sample_rate} Hz, the demo corpus needs {SAMPLE_RATE}")
+    out = []
     for i, (utt, voice, text) in enumerate(items):
-        audio = engine.say(text, voice, seed=i)
-        if engine.sample_rate != SAMPLE_RATE:
-            import torch
-            import torchaudio.functional as AF
-
-            audio = AF.resample(torch.from_numpy(audio), engine.sample_rate, SAMPLE_RATE).numpy()
+        audio, phones = engine.say(text, voice, seed=i)
         audio = np.clip(audio, -1.0, 1.0)
         path = Path(wav_dir) / f"{utt}.wav"
         sf.write(path, audio, SAMPLE_RATE, subtype="PCM_16", format="WAV")
-        paths.append(str(path))
-    return paths
+        out.append((str(path), [(s / SAMPLE_RATE, e / SAMPLE_RATE, p) for p, s, e in phones]))
+    return out
 
 
-def synthesise(items: list[tuple[str, DemoVoice, str]], wav_dir: Path) -> list[str]:
-    """Synthesise in one fresh spawned process (see the module note on determinism)."""
+def synthesise(items: list[tuple[str, DemoVoice, str]], wav_dir: Path, ctm: Path | None = None) -> list[str]:
+    """Synthesise in one fresh spawned process (see the module note on determinism); the wavs' paths.
+    ``ctm``: where to write the phone alignment of every item (``alignment_tokens.write_ctm``)."""
+    from cosytrain.data.alignment_tokens import write_ctm
+
     wav_dir.mkdir(parents=True, exist_ok=True)
     with mp.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_synthesise_job, (items, str(wav_dir)))
+        done = pool.apply(_synthesise_job, (items, str(wav_dir)))
+    if ctm is not None:
+        write_ctm(ctm, {utt: phones for (utt, _, _), (_, phones) in zip(items, done)})
+    return [path for path, _ in done]
 
 
 # ------------------------------------------------------------------------------------- build
@@ -186,7 +216,7 @@ def demo_shard_dir(root: str | Path | None = None, token_rate: int = 50) -> Path
 
 
 def build_demo_corpus(root: str | Path | None = None, num_utts: int | None = None, token_rate: int = 50,
-                      num_workers: int = 1, codebook_size: int = 256, force: bool = False,
+                      num_workers: int = 1, force: bool = False,
                       progress: bool = False) -> Path:
     """Synthesise (if needed) and prepare the demo corpus; returns the shards' ``data.list``.
 
@@ -196,7 +226,7 @@ def build_demo_corpus(root: str | Path | None = None, num_utts: int | None = Non
     root = Path(root) if root is not None else default_root()
     root.mkdir(parents=True, exist_ok=True)
     with _lock(root):
-        return _build_locked(root, num_utts, token_rate, num_workers, codebook_size, force, progress)
+        return _build_locked(root, num_utts, token_rate, num_workers, force, progress)
 
 
 @contextlib.contextmanager
@@ -212,8 +242,8 @@ def _lock(root: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _build_locked(root: Path, num_utts: int | None, token_rate: int, num_workers: int, codebook_size: int,
-                  force: bool, progress: bool) -> Path:
+def _build_locked(root: Path, num_utts: int | None, token_rate: int, num_workers: int, force: bool,
+                  progress: bool) -> Path:
     from cosytrain.data.prepare import PrepareConfig, prepare
     from cosytrain.data.sources import Utterance, write_kaldi_dir
 
@@ -224,19 +254,20 @@ def _build_locked(root: Path, num_utts: int | None, token_rate: int, num_workers
     stamp_path = root / "corpus.json"
     kaldi = root / "kaldi"
     have = stamp_path.is_file() and json.loads(stamp_path.read_text()) == stamp
-    if force or not have or not (kaldi / "wav.scp").is_file():
+    if force or not have or not (kaldi / "wav.scp").is_file() or not (kaldi / ALIGNMENT_FILE).is_file():
         stamp_path.unlink(missing_ok=True)  # an interrupted rebuild must not look complete
         for sub in ("wavs", "kaldi"):
             shutil.rmtree(root / sub, ignore_errors=True)
         for old in root.glob("shards_*hz"):
             shutil.rmtree(old, ignore_errors=True)
-        paths = synthesise(items, root / "wavs")
+        kaldi.mkdir(parents=True)
+        paths = synthesise(items, root / "wavs", ctm=kaldi / ALIGNMENT_FILE)
         utts = [Utterance(utt=u, wav=p, text=t, spk=v.spk) for (u, v, t), p in zip(items, paths)]
         write_kaldi_dir(kaldi, utts)
         atomic_write_text(stamp_path, json.dumps(stamp, indent=2))
     cfg = PrepareConfig(src_dir=str(kaldi), des_dir=str(_shard_dir(root, token_rate)), fmt="kaldi",
-                        num_workers=num_workers, num_utts_per_parquet=100, token_rate=token_rate,
-                        codebook_size=codebook_size, progress=progress)
+                        speech_tokenizer=str(kaldi / ALIGNMENT_FILE), num_workers=num_workers,
+                        num_utts_per_parquet=100, token_rate=token_rate, progress=progress)
     return prepare(cfg).data_list
 
 
@@ -262,8 +293,8 @@ def ensure_demo_corpus(root: str | Path | None = None, token_rate: int = 50, num
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m cosytrain demo-corpus",
                                 description="Synthesise the offline multi-speaker demo corpus with espeak-ng "
-                                            "and prepare it into parquet shards (built-in stand-in tokenizer "
-                                            "and speaker embedding).")
+                                            "and prepare it into parquet shards (speech tokens from espeak-ng's "
+                                            "phone alignment, built-in stand-in speaker embedding).")
     p.add_argument("--root", default=None, help=f"cache folder (default {default_root()})")
     p.add_argument("--num_utts", type=int, default=None, help="only the first N sentences (default: all)")
     g = p.add_mutually_exclusive_group()
@@ -272,14 +303,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="v1 = 50 Hz tokens, v2/v3 = 25 Hz")
     p.add_argument("--num_workers", type=int, default=1,
                    help="prepare processes (default 1: at this size process start-up outweighs the work)")
-    p.add_argument("--codebook_size", type=int, default=256)
     p.add_argument("--force", action="store_true", help="re-synthesise and re-prepare from scratch")
     a = p.parse_args(argv)
     rate = a.token_rate or (25 if a.generation in ("v2", "v3") else 50)
     t0 = time.time()
     try:
-        data_list = build_demo_corpus(a.root, a.num_utts, rate, a.num_workers, a.codebook_size, a.force,
-                                      progress=True)
+        data_list = build_demo_corpus(a.root, a.num_utts, rate, a.num_workers, a.force, progress=True)
     except (RuntimeError, OSError, ValueError) as ex:
         print(f"demo-corpus: {ex}", file=sys.stderr)
         return 2

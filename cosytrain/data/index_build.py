@@ -64,11 +64,11 @@ def tokenizer_identity(kind: str, path: Optional[str]) -> str:
         for f in files:
             h.update(f.name.encode())
             h.update(f.read_bytes())
-    elif kind == "whisper":  # openai-whisper's bundled vocabulary: its version names it
+    elif kind in ("whisper", "phoneme"):  # a bundled vocabulary / espeak-ng's rules: the package version names it
         try:
             from importlib.metadata import version
 
-            h.update(version("openai-whisper").encode())
+            h.update(version("openai-whisper" if kind == "whisper" else "espeakng-loader").encode())
         except Exception:  # noqa: BLE001
             pass
     return h.hexdigest()[:16]

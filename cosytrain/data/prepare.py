@@ -65,7 +65,7 @@ class PrepareConfig:
     num_utts_per_parquet: int = 1000
     speech_tokenizer: str = "builtin"  # 'builtin', an upstream .onnx, or a fitted built-in .npz
     campplus: str = "builtin"  # 'builtin', upstream campplus.onnx, or a fitted built-in .npz
-    token_rate: int = 50  # built-in tokenizer only: 50 (CosyVoice 1) or 25 (CosyVoice 2/3)
+    token_rate: int = 50  # built-in tokenizer or alignment: 50 (CosyVoice 1) or 25 (CosyVoice 2/3)
     codebook_size: int = 256
     min_duration: float = 0.3
     max_duration: float = 60.0
@@ -127,15 +127,15 @@ _WORKER: dict[tuple, Any] = {}
 
 
 def _frontends(tokenizer_spec: str, embedder_spec: str, onnx_batch_size: int,
-               device: str | None = None) -> tuple[Any, Any]:
+               device: str | None = None, token_rate: int | None = None) -> tuple[Any, Any]:
     """Front-ends built once per process (ONNX sessions cannot cross process boundaries)."""
-    key = (tokenizer_spec, embedder_spec, onnx_batch_size, device)
+    key = (tokenizer_spec, embedder_spec, onnx_batch_size, device, token_rate)
     if key not in _WORKER:
         from cosytrain.data.speaker_embedding import load_speaker_embedder
         from cosytrain.data.speech_tokenizer import load_speech_tokenizer
 
         _WORKER.clear()
-        _WORKER[key] = (load_speech_tokenizer(tokenizer_spec, onnx_batch_size, device),
+        _WORKER[key] = (load_speech_tokenizer(tokenizer_spec, onnx_batch_size, device, token_rate),
                         load_speaker_embedder(embedder_spec, onnx_batch_size))
     return _WORKER[key]
 
@@ -199,10 +199,15 @@ def _analyse_shard(args: tuple[int, list[Utterance], dict, tuple]) -> tuple[int,
         if not batch:
             return
         a16 = [to_16k(a, sr) for _, a, sr, _, _ in batch]
-        tokens = tok.tokenize_batch(a16)
+        if hasattr(tok, "tokenize_utterances"):  # an alignment: the tokens are looked up by utterance id
+            tokens = tok.tokenize_utterances([u.utt for u, *_ in batch], a16)
+        else:
+            tokens = tok.tokenize_batch(a16)
         embs = emb.embed_batch(a16)
         for (u, a, sr, dur, notes), t, e in zip(batch, tokens, embs):
-            if len(t) == 0:
+            if t is None:
+                skipped.append((u.utt, f"not in the alignment {Path(specs[0]).name}; align it or remove the row"))
+            elif len(t) == 0:
                 skipped.append((u.utt, "speech tokenizer returned no tokens"))
             elif not np.isfinite(np.asarray(e, dtype=np.float64)).all():
                 skipped.append((u.utt, "speaker embedding has NaN or Inf"))
@@ -424,6 +429,8 @@ def _prepare(cfg: PrepareConfig, runner: _Runner) -> PrepareResult:
 
     tok_spec, emb_spec = _resolve_frontends(cfg, utts, des, runner)
     frontends = f"{_frontend_id(tok_spec)}|{_frontend_id(emb_spec)}"
+    if tok_spec.endswith(".ctm"):  # one alignment gives other tokens at another rate
+        frontends += f"|{cfg.token_rate}Hz"
 
     n = max(1, cfg.num_utts_per_parquet)
     groups = [utts[j:j + n] for j in range(0, len(utts), n)]
@@ -442,7 +449,7 @@ def _prepare(cfg: PrepareConfig, runner: _Runner) -> PrepareResult:
 
     # Stage 1: tokens and utterance embeddings for the pending shards.
     c = asdict(cfg)
-    specs = (tok_spec, emb_spec, cfg.onnx_batch_size, cfg.speech_tokenizer_device)
+    specs = (tok_spec, emb_spec, cfg.onnx_batch_size, cfg.speech_tokenizer_device, cfg.token_rate)
     analysed: dict[int, tuple[list[dict], list[tuple[str, str]]]] = {}
     tasks1 = [(i, groups[i], c, specs) for i in pending]
     for i, ok, skipped in runner.map(_analyse_shard, tasks1, "tokens+embeddings", lambda t: len(t[1])):
@@ -524,12 +531,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_utts_per_parquet", type=int, default=1000)
     p.add_argument("--speech_tokenizer", default="builtin",
                    help="upstream speech_tokenizer_v1.onnx / v2.onnx / v3.onnx, a fitted built-in .npz, "
-                        "or 'builtin' (a k-means stand-in fitted on this corpus)")
+                        "'builtin' (a k-means stand-in fitted on this corpus), or a phone alignment .ctm "
+                        "(tokens = phone and half of it per frame, as the demo corpus does)")
     p.add_argument("--campplus", default="builtin",
                    help="upstream campplus.onnx, a fitted built-in .npz, or 'builtin' (a stand-in)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--token_rate", type=int, choices=[50, 25], default=None,
-                   help="built-in tokenizer rate: 50 Hz (CosyVoice 1) or 25 Hz (CosyVoice 2/3)")
+                   help="built-in tokenizer or alignment rate: 50 Hz (CosyVoice 1) or 25 Hz (CosyVoice 2/3)")
     g.add_argument("--generation", choices=sorted(GENERATION_TOKEN_RATE), default=None,
                    help="shorthand for --token_rate: v1=50, v2/v3=25")
     p.add_argument("--codebook_size", type=int, default=256, help="built-in tokenizer codebook size")

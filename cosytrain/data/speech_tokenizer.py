@@ -326,14 +326,23 @@ class BuiltinSpeechTokenizer:
             return cls(z["centroids"], z["mean"], z["std"], int(z["token_rate"]), int(z["n_mels"]))
 
 
-def load_speech_tokenizer(spec: str | Path, onnx_batch_size: int = 8, device: str | None = None) -> SpeechTokenizer:
+def load_speech_tokenizer(spec: str | Path, onnx_batch_size: int = 8, device: str | None = None,
+                          token_rate: int | None = None) -> SpeechTokenizer:
     """``*.onnx`` -> upstream model via onnxruntime (CUDA provider when onnxruntime-gpu is installed), or
-    with ``device`` as s3tokenizer's PyTorch model on that device; ``*.npz`` -> a fitted built-in tokenizer."""
+    with ``device`` as s3tokenizer's PyTorch model on that device; ``*.npz`` -> a fitted built-in tokenizer;
+    ``*.ctm`` -> tokens from a phone alignment at ``token_rate`` (``alignment_tokens.py``)."""
     p = Path(spec)
+    if p.suffix == ".ctm":
+        from cosytrain.data.alignment_tokens import AlignmentSpeechTokenizer
+
+        if token_rate is None:
+            raise ValueError(f"speech tokenizer {spec!r}: an alignment needs the token rate (50 or 25 Hz)")
+        return AlignmentSpeechTokenizer.load(p, token_rate)
     if p.suffix == ".onnx":
         if device:
             return S3TorchSpeechTokenizer.from_onnx(p, device=device, batch_size=onnx_batch_size)
         return OnnxSpeechTokenizer(p, batch_size=onnx_batch_size)
     if p.suffix == ".npz":
         return BuiltinSpeechTokenizer.load(p)
-    raise ValueError(f"speech tokenizer {spec!r}: expected an upstream .onnx file, a built-in .npz, or 'builtin'")
+    raise ValueError(f"speech tokenizer {spec!r}: expected an upstream .onnx file, a built-in .npz, a phone"
+                     " alignment .ctm, or 'builtin'")

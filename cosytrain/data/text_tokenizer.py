@@ -58,6 +58,21 @@ class ByteTokenizer:
             "utf-8", errors="replace")
 
 
+class PhonemeTokenizer(ByteTokenizer):
+    """The bytes of espeak-ng's phonemes of the text (``phonemes.py``): the demo LLM reads sounds, not
+    spelling, so held-out sentences with words it never heard are still readable."""
+
+    def encode(self, text: str) -> list[int]:
+        from cosytrain.data.phonemes import phonemize
+
+        return super().encode(phonemize(text))
+
+    def encode_lengths(self, texts: list[str]) -> list[int]:
+        from cosytrain.data.phonemes import phonemize
+
+        return [len(phonemize(t).encode("utf-8")) for t in texts]
+
+
 # openai-whisper's language order; the first ``num_languages`` become <|xx|> special tokens.
 WHISPER_LANGUAGES = (
     "en zh de es ru ko fr ja pt tr pl ca nl ar sv it id hi fi vi he uk el ms cs ro da hu ta no th ur hr bg "
@@ -178,7 +193,7 @@ class QwenTokenizer:
         return self._tok.decode(list(tokens), skip_special_tokens=True)
 
 
-TOKENIZER_KINDS = ("byte", "whisper", "qwen", "qwen3")
+TOKENIZER_KINDS = ("byte", "phoneme", "whisper", "qwen", "qwen3")
 
 
 @lru_cache(maxsize=8)
@@ -186,6 +201,8 @@ def build_text_tokenizer(kind: str = "byte", path: str | None = None) -> TextTok
     """Build (once per process) the tokenizer named ``kind``; ``qwen3`` is ``qwen`` with v3's tokens."""
     if kind == "byte":
         return ByteTokenizer()
+    if kind == "phoneme":
+        return PhonemeTokenizer()
     if kind == "whisper":
         return WhisperTokenizer(path)
     if kind in ("qwen", "qwen2", "qwen3"):

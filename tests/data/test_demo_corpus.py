@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import time
@@ -47,6 +48,38 @@ def test_full_default_build_within_budget(demo):
         assert info.samplerate == 22050 and info.channels == 1
         assert abs(len(r["speech_token"]) - 50 * info.duration) <= 2
         assert index[r["utt"]]["sample_rate"] == 22050
+
+
+def test_speech_tokens_are_the_phones_the_text_says(demo):
+    """The tokens come from espeak-ng's own alignment; the en-us voices say the phonemes the LLM reads
+    (phonemes.py, en-us), the British ones their own accent of them."""
+    from cosytrain.data.alignment_tokens import AlignmentSpeechTokenizer, frame_labels, read_ctm
+    from cosytrain.data.phonemes import phonemize
+
+    root, data_list, _ = demo
+    ctm = read_ctm(root / "kaldi" / D.ALIGNMENT_FILE)
+    tok = AlignmentSpeechTokenizer.load(root / "kaldi" / D.ALIGNMENT_FILE, 50)
+    assert tok.codebook_size <= 256  # conf/model/*_small.yaml speech_token_size
+    rows = list(S.iter_rows(data_list, columns=["utt", "text", "speech_token", "wav"]))
+    assert sorted(ctm) == sorted(r["utt"] for r in rows)
+    voices = {v.spk: v.voice for v in D.VOICES}
+    sample, us, same = rows[:: max(1, len(rows) // 40)], 0, 0
+    for r in sample:
+        segments = ctm[r["utt"]]
+        assert segments[0][0] < 0.05 and abs(segments[-1][1] - sf.info(r["wav"]).duration) < 1e-3
+        assert all(a[1] == pytest.approx(b[0], abs=1e-5) for a, b in zip(segments, segments[1:]))
+        spoken = "".join(p for _, _, p in segments if not p.startswith("_"))
+        read = phonemize(r["text"]).replace(" | ", "").replace(" ", "")
+        similar = difflib.SequenceMatcher(None, spoken, read).ratio()
+        if voices[r["utt"].rsplit("_", 1)[0]].startswith("en-us"):
+            # espeak-ng folds a few phones into their neighbour's event (the l of "school"): ~9% of sentences
+            us, same = us + 1, same + (spoken == read)
+            assert similar > 0.9, (r["utt"], spoken, read)
+        else:
+            assert similar > 0.75, (r["utt"], spoken, read)  # the same words in another accent
+        labels = frame_labels(segments, len(r["speech_token"]), 50)
+        assert r["speech_token"] == [tok.phones.index(p) * 2 + k for p, k in labels]
+    assert us >= 10 and same >= 0.8 * us
 
 
 def test_held_out_shard_is_the_hand_written_sentences(demo):
@@ -101,8 +134,7 @@ def test_ensure_reuses_cache_and_reduced_build(demo, tmp_path):
     assert time.perf_counter() - t0 < 5
     assert {p: os.stat(p).st_mtime_ns for p in stamps} == stamps
     # A reduced corpus at 25 Hz (CosyVoice 2/3 token rate) via the command line.
-    assert D.main(["--root", str(tmp_path), "--num_utts", "12", "--generation", "v2", "--num_workers", "1",
-                   "--codebook_size", "32"]) == 0
+    assert D.main(["--root", str(tmp_path), "--num_utts", "12", "--generation", "v2", "--num_workers", "1"]) == 0
     stamp = json.loads((tmp_path / "corpus.json").read_text())
     assert stamp["num_utts"] == 12
     rows = list(S.iter_rows(tmp_path / "shards_25hz" / "data.list", columns=["wav", "speech_token"]))

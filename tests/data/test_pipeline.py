@@ -260,6 +260,23 @@ def test_byte_tokenizer_and_unknown_kind() -> None:
         build_text_tokenizer("sentencepiece")
 
 
+def test_phoneme_tokenizer_reads_sounds_not_spelling() -> None:
+    from cosytrain.data.phonemes import phonemize
+    from cosytrain.data.text_tokenizer import build_text_tokenizer
+
+    tok = build_text_tokenizer("phoneme")
+    texts = ["Knight and night.", "Cough, though!", "Zorblax quantified it."]
+    ids = [tok.encode(t) for t in texts]
+    assert tok.vocab_size == 257 and all(0 not in x for x in ids)
+    said = [tok.decode(x) for x in ids]
+    assert said == [phonemize(t) for t in texts] and " | " in said[1]  # a clause break where the comma is
+    knight, night = said[0].split(" ", 1)[0], said[0].split(" ")[-1]
+    assert knight == night and "k" not in knight.lower()  # the same sounds, the silent letter gone
+    assert phonemize("Cough") != phonemize("though") and all(said)  # an unknown word still gets phonemes
+    assert tok.encode_lengths(texts) == [len(x) for x in ids]
+    assert tok.encode(texts[0]) == ids[0]  # deterministic
+
+
 def test_whisper_tokenizer_missing_dependency_is_one_clear_error(tmp_path: Path, monkeypatch) -> None:
     """Without openai-whisper (simulated) the error names the extra; a wrong vocabulary path names the file."""
     import sys

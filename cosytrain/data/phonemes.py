@@ -1,0 +1,81 @@
+"""English text -> espeak-ng phonemes, for the demo's ``phoneme`` text tokenizer.
+
+Why: the demo LLM learns from 2,000 sentences in minutes. Read as the bytes of English spelling, it
+would have to learn spelling-to-sound from them as well as where in the text it is, and it does not
+(README, "What the demo sounds like"). espeak-ng already knows English spelling-to-sound (it speaks
+the corpus, and its phone alignment gives the demo's speech tokens, ``alignment_tokens.py``), so the
+text the LLM reads can be the phonemes it will say, which leaves it an almost one-to-one mapping and
+held-out sentences with words it never heard. This is the front end many TTS systems use (Matcha-TTS,
+VITS, Piper); upstream CosyVoice reads subword text because its LLM learns from far more data.
+
+The phonemes are espeak-ng's ASCII phoneme mnemonics (``espeak_TextToPhonemes``, "en-us" voice,
+stress marks kept, words separated by spaces, clauses by `` | ``), so the ids are the bytes of that
+string and the vocabulary stays the byte tokenizer's 257. The library comes from the
+``espeakng-loader`` wheel (no system package, nothing downloaded), driven through ctypes; no Python
+package exposes espeak-ng's phonemizer without a system library (``phonemizer`` shells out to an
+installed espeak), hence this small binding. Text-to-phoneme conversion is deterministic (the hidden
+state noted in :mod:`cosytrain.data.demo_corpus` concerns audio only).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from functools import lru_cache
+
+PHONEME_VOICE = "en-us"
+CLAUSE_SEPARATOR = " | "
+_TEXT_MODE_UTF8 = 1
+_PHONEMES_ASCII = 0
+_AUDIO_OUTPUT_SYNCHRONOUS = 2
+
+
+class PhonemizerUnavailable(RuntimeError):
+    """libespeak-ng could not be loaded or initialised; the message names the fix."""
+
+
+class _EspeakPhonemizer:
+    """One libespeak-ng handle per process; calls are serialised (the library is not thread-safe)."""
+
+    def __init__(self, voice: str = PHONEME_VOICE) -> None:
+        try:
+            import espeakng_loader
+        except ImportError as ex:
+            raise PhonemizerUnavailable("the phoneme text tokenizer needs espeakng-loader: "
+                                        "pip install espeakng-loader (a cosytrain dependency)") from ex
+        lib = ctypes.CDLL(espeakng_loader.get_library_path())
+        lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+        lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
+        lib.espeak_TextToPhonemes.restype = ctypes.c_char_p
+        lib.espeak_TextToPhonemes.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, ctypes.c_int]
+        if lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, espeakng_loader.get_data_path().encode(), 0) <= 0:
+            raise PhonemizerUnavailable("libespeak-ng from espeakng-loader failed to initialise; reinstall "
+                                        "espeakng-loader")
+        if lib.espeak_SetVoiceByName(voice.encode()) != 0:
+            raise PhonemizerUnavailable(f"espeak-ng voice {voice!r} not found in the espeakng-loader data")
+        self._lib = lib
+        self._lock = threading.Lock()
+
+    def phonemes(self, text: str) -> str:
+        """The phoneme string of ``text``: clauses joined by :data:`CLAUSE_SEPARATOR`."""
+        buf = ctypes.create_string_buffer(text.encode("utf-8"))
+        ptr = ctypes.c_void_p(ctypes.addressof(buf))
+        clauses = []
+        with self._lock:
+            while ptr.value:  # the library advances ptr one clause per call, NULL at the end
+                out = self._lib.espeak_TextToPhonemes(ctypes.byref(ptr), _TEXT_MODE_UTF8, _PHONEMES_ASCII)
+                clause = (out or b"").decode("ascii", errors="replace").strip()
+                if clause:
+                    clauses.append(clause)
+        return CLAUSE_SEPARATOR.join(clauses)
+
+
+@lru_cache(maxsize=1)
+def _phonemizer() -> _EspeakPhonemizer:
+    return _EspeakPhonemizer()
+
+
+@lru_cache(maxsize=65536)
+def phonemize(text: str) -> str:
+    """espeak-ng's ASCII phonemes of English ``text`` (cached: a corpus is read every epoch)."""
+    return _phonemizer().phonemes(text)
