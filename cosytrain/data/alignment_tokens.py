@@ -13,7 +13,8 @@ The alignment is a CTM file (``utt channel start duration phone``, seconds), the
 of forced aligners such as the Montreal Forced Aligner, so a user's own aligned corpus works too:
 ``cosytrain prepare --speech_tokenizer phones.ctm``. Token ids are ``phone_index * states + part``
 with phones sorted by name (plus :data:`SILENCE` for frames no phone covers), so the same file always
-gives the same ids. There is no model to run on new audio: a model trained on these tokens takes
+gives the same ids; the ids come from the phones the file holds, so prepare every split of a corpus
+(training and validation) from one CTM. There is no model to run on new audio: a model trained on these tokens takes
 prompts as tokens from the training shards (validation by synthesis does), not as new recordings.
 """
 
@@ -25,7 +26,7 @@ from typing import Sequence
 
 import numpy as np
 
-from cosytrain.data.speech_tokenizer import HOP
+HOP = 160  # 10 ms at 16 kHz: the log-mel hop of upstream's tokenizers and the built-in one (speech_tokenizer.py)
 
 SILENCE = "<sil>"  # frames between, before or after the aligned phones
 DEFAULT_STATES = 2
@@ -131,7 +132,8 @@ class AlignmentSpeechTokenizer:
         if segments is None:
             return None
         count = num_tokens(num_samples_16k, self.token_rate)
-        return [self._index[p] * self.states + k for p, k in frame_labels(segments, count, self.token_rate, self.states)]
+        labels = frame_labels(segments, count, self.token_rate, self.states)
+        return [self._index[p] * self.states + k for p, k in labels]
 
     def tokenize_utterances(self, utts: Sequence[str], audios16k: Sequence[np.ndarray]) -> list[list[int] | None]:
         """What ``prepare`` calls instead of ``tokenize_batch``: the tokens depend on the id, not the audio."""

@@ -63,7 +63,7 @@ class PrepareConfig:
     speaker: str | None = None
     num_workers: int = 1
     num_utts_per_parquet: int = 1000
-    speech_tokenizer: str = "builtin"  # 'builtin', an upstream .onnx, or a fitted built-in .npz
+    speech_tokenizer: str = "builtin"  # 'builtin', an upstream .onnx, a fitted built-in .npz, or an alignment .ctm
     campplus: str = "builtin"  # 'builtin', upstream campplus.onnx, or a fitted built-in .npz
     token_rate: int = 50  # built-in tokenizer or alignment: 50 (CosyVoice 1) or 25 (CosyVoice 2/3)
     codebook_size: int = 256

@@ -1,9 +1,11 @@
 """Text tokenizers behind one interface: ``encode(text) -> list[int]`` and ``vocab_size``.
 
-Three kinds, picked by name so a YAML can choose one:
+Four kinds, picked by name so a YAML can choose one:
 
-* ``byte``: UTF-8 bytes, fixed vocabulary, no files. For the demo corpus and tests, where no
+* ``byte``: UTF-8 bytes, fixed vocabulary, no files. For tests and toy models, where no
   pretrained text embedding has to be matched.
+* ``phoneme``: the bytes of espeak-ng's phonemes of the text (``phonemes.py``), same 257 ids: what the
+  demo LLM reads, so it learns sounds rather than English spelling.
 * ``whisper``: upstream v1's text tokenizer (``whisper.tokenizer.get_tokenizer(multilingual=True,
   num_languages=100, language='en', task='transcribe')``, 51866 ids, the v1 ``text_token_size``).
   ``openai-whisper`` comes with the ``whisper``/``official``/``test`` extras; its wheel ships the
