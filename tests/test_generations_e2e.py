@@ -17,7 +17,6 @@ import pytest
 import torch
 
 from cosytrain.export import ExportError, export_model, run_config_to_tree
-from cosytrain.inference.frontend import FrontEndError
 from cosytrain.modeldir import load_model_dir
 from tests.conftest import REPO_ROOT, load_manifest
 
@@ -100,9 +99,8 @@ def test_recipe_trains_exports_reloads_and_synthesises(gen: str, demo: dict[str,
     assert meta["check"]["samples"] == meta["check"]["mel_frames"] * 480
     assert (out / "CosyVoice-BlankEN" / "config.json").read_bytes() == \
         (REPO_ROOT / "conf/model/qwen2_tiny/config.json").read_bytes()
-    assert (out / "campplus_builtin.npz").read_bytes() == (shards / "campplus_builtin.npz").read_bytes()
-    # the demo's speech tokens come from a phone alignment: there is no tokenizer for new audio to ship
-    assert not any((d / "speech_tokenizer_builtin.npz").exists() for d in (shards, out))
+    for name in ("speech_tokenizer_builtin.npz", "campplus_builtin.npz"):
+        assert (out / name).read_bytes() == (shards / name).read_bytes()
     text = (out / config_name).read_text()
     assert "qwen_pretrain_path: ''" in text and "pretrain_path: !ref <qwen_pretrain_path>" in text
     spk2info = torch.load(out / "spk2info.pt", weights_only=True)
@@ -150,10 +148,10 @@ def test_recipe_trains_exports_reloads_and_synthesises(gen: str, demo: dict[str,
                                                        **prompt)]
     assert chunks[0].shape[1] == (40 * 2 - 8) * 480 and sum(c.shape[1] for c in chunks) == 90 * 2 * 480
 
-    # zero-shot from a new recording needs a speech tokenizer, which alignment tokens do not have: one line
+    # zero-shot from a demo utterance (built-in speech tokenizer and speaker embedding of the export)
     wav = next((demo["home"] / "demo" / "wavs").rglob("*.wav"))
-    with pytest.raises(FrontEndError, match="speech_tokenizer_v[23].onnx or speech_tokenizer_builtin.npz"):
-        list(model.inference_zero_shot("Hello, friend!", "A prompt.", str(wav), stream=True))
+    zero_shot = list(model.inference_zero_shot("Hello, friend!", "A prompt.", str(wav), stream=True))
+    assert zero_shot and all(bool(torch.isfinite(c["tts_speech"]).all()) for c in zero_shot)
 
 
 def test_v1_checkpoint_onto_v2_base_is_one_clear_error(tmp_path: Path, demo: dict[str, Any],
@@ -199,13 +197,13 @@ def test_base_export_adds_the_runs_front_end_files_and_speakers(tmp_path: Path, 
 
     base = tmp_path / "base"
     shutil.copytree(_export("v2", demo, exported), base)
-    for name in ("campplus_builtin.npz", "spk2info.pt", "cosytrain.json"):
+    for name in ("speech_tokenizer_builtin.npz", "campplus_builtin.npz", "spk2info.pt", "cosytrain.json"):
         (base / name).unlink()
     out = tmp_path / "out"
     result = export_model([demo["runs"] / "v2_tts" / "checkpoints" / "last.ckpt"], out, base=base, check=False)
     assert (out / "hift.pt").read_bytes() == (base / "hift.pt").read_bytes()
     assert sorted(result.metadata["front_end_files"]) == sorted(
-        ["CosyVoice-BlankEN/", "campplus_builtin.npz", "spk2info.pt"])
+        ["CosyVoice-BlankEN/", "speech_tokenizer_builtin.npz", "campplus_builtin.npz", "spk2info.pt"])
     assert result.metadata["text_tokenizer"] == "byte"
     assert sorted(torch.load(out / "spk2info.pt", weights_only=True)) == sorted(
         torch.load(demo["data_list"].parent / "spk2embedding.pt", weights_only=True))

@@ -14,8 +14,10 @@ of forced aligners such as the Montreal Forced Aligner, so a user's own aligned 
 ``cosytrain prepare --speech_tokenizer phones.ctm``. Token ids are ``phone_index * states + part``
 with phones sorted by name (plus :data:`SILENCE` for frames no phone covers), so the same file always
 gives the same ids; the ids come from the phones the file holds, so prepare every split of a corpus
-(training and validation) from one CTM. There is no model to run on new audio: a model trained on these tokens takes
-prompts as tokens from the training shards (validation by synthesis does), not as new recordings.
+(training and validation) from one CTM. An alignment cannot tokenize new audio, so ``prepare`` also fits,
+beside the shards, a built-in tokenizer whose centroids are the mean frame of each alignment token
+(``BuiltinSpeechTokenizer.fit_labelled``): a crude frame classifier (on the demo corpus about 4 frames in
+10 get the right phone) that gives an exported model's zero-shot prompts ids it knows.
 """
 
 from __future__ import annotations

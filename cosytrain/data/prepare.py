@@ -159,15 +159,18 @@ def _torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
-def _scan_for_fit(args: tuple[list[Utterance], dict, int, bool, bool]) -> tuple[list, list, list]:
-    """Stage 0: pooled log-mel frames (sampled) and fbank stats of valid rows, for the built-in fits."""
+def _scan_for_fit(args: tuple[list[Utterance], dict, int, bool, bool]) -> tuple[list, list, list, list]:
+    """Stage 0: pooled log-mel frames (sampled) and fbank stats of valid rows, for the built-in fits; with an
+    alignment (``--speech_tokenizer x.ctm``) also each sampled frame's alignment token."""
     import torch
 
     from cosytrain.data.speaker_embedding import fbank_stats
-    from cosytrain.data.speech_tokenizer import builtin_frames, to_16k
+    from cosytrain.data.speech_tokenizer import builtin_frames, load_speech_tokenizer, to_16k
 
     utts, cfg, per_utt, want_frames, want_stats = args
-    frames, stats, done = [], [], []
+    aligned = want_frames and str(cfg["speech_tokenizer"]).endswith(".ctm")
+    alignment = load_speech_tokenizer(cfg["speech_tokenizer"], token_rate=cfg["token_rate"]) if aligned else None
+    frames, labels, stats, done = [], [], [], []
     for u in utts:
         loaded = load_checked(u, cfg["min_duration"], cfg["max_duration"], cfg["min_sample_rate"])
         done.append(u.utt)
@@ -176,13 +179,23 @@ def _scan_for_fit(args: tuple[list[Utterance], dict, int, bool, bool]) -> tuple[
         a16 = to_16k(loaded[0], loaded[1])
         if want_frames:
             f = builtin_frames(a16, cfg["token_rate"])
+            y = None
+            if alignment is not None:
+                tokens = alignment.tokens(u.utt, len(a16))
+                if tokens is None:
+                    continue
+                n = min(len(tokens), f.shape[0])
+                f, y = f[:n], torch.tensor(tokens[:n])
             if f.shape[0] > per_utt:
                 g = torch.Generator().manual_seed(zlib.crc32(u.utt.encode()))
-                f = f[torch.randperm(f.shape[0], generator=g)[:per_utt].sort().values]
+                keep = torch.randperm(f.shape[0], generator=g)[:per_utt].sort().values
+                f, y = f[keep], (y[keep] if y is not None else None)
             frames.append(f.numpy())
+            if y is not None:
+                labels.append(y.numpy())
         if want_stats:
             stats.append(fbank_stats(a16).numpy())
-    return frames, stats, done
+    return frames, labels, stats, done
 
 
 def _analyse_shard(args: tuple[int, list[Utterance], dict, tuple]) -> tuple[int, list[dict], list[tuple[str, str]]]:
@@ -346,20 +359,28 @@ def _fit_builtins(cfg: PrepareConfig, utts: list[Utterance], des: Path, need_tok
     size = math.ceil(len(utts) / n_chunks)
     c = asdict(cfg)
     tasks = [(utts[i:i + size], c, per_utt, need_tok, need_emb) for i in range(0, len(utts), size)]
-    frames, stats = [], []
-    for f, s, _ in runner.map(_scan_for_fit, tasks, "fit front-ends", lambda t: len(t[0])):
+    frames, labels, stats = [], [], []
+    for f, y, s, _ in runner.map(_scan_for_fit, tasks, "fit front-ends", lambda t: len(t[0])):
         frames += f
+        labels += y
         stats += s
     nothing = "no usable audio to fit the built-in {} on: every row failed validation (paths, text, durations)"
     if need_tok:
         if not frames:
             raise ValueError(nothing.format("speech tokenizer"))
         x = torch.from_numpy(np.concatenate(frames))
-        if x.shape[0] > cfg.max_fit_frames:
-            g = torch.Generator().manual_seed(cfg.seed)
-            x = x[torch.randperm(x.shape[0], generator=g)[:cfg.max_fit_frames]]
-        with _torch_threads(1):  # the same centroids whatever --num_workers is
-            tok = BuiltinSpeechTokenizer.fit(x, cfg.token_rate, cfg.codebook_size, seed=cfg.seed)
+        if labels:  # an alignment's tokens: the nearest-class-mean tokenizer for new audio (zero-shot prompts)
+            from cosytrain.data.speech_tokenizer import load_speech_tokenizer
+
+            size = load_speech_tokenizer(cfg.speech_tokenizer, token_rate=cfg.token_rate).codebook_size
+            tok = BuiltinSpeechTokenizer.fit_labelled(x, torch.from_numpy(np.concatenate(labels)), cfg.token_rate,
+                                                      size)
+        else:
+            if x.shape[0] > cfg.max_fit_frames:
+                g = torch.Generator().manual_seed(cfg.seed)
+                x = x[torch.randperm(x.shape[0], generator=g)[:cfg.max_fit_frames]]
+            with _torch_threads(1):  # the same centroids whatever --num_workers is
+                tok = BuiltinSpeechTokenizer.fit(x, cfg.token_rate, cfg.codebook_size, seed=cfg.seed)
         tok.save(des / BUILTIN_TOKENIZER_FILE)
     if need_emb:
         if not stats:
@@ -385,6 +406,15 @@ def _resolve_frontends(cfg: PrepareConfig, utts: list[Utterance], des: Path, run
                 need_tok = not (old.token_rate == cfg.token_rate and old.codebook_size == cfg.codebook_size)
             except (ValueError, OSError):
                 need_tok = True
+    elif tok_spec.endswith(".ctm"):
+        # the training tokens come from the alignment; beside them, a tokenizer for new audio that gives its ids
+        # (zero-shot prompts of an exported model), refitted when the alignment or the rate changes
+        fitted = des / BUILTIN_TOKENIZER_FILE
+        try:
+            old = BuiltinSpeechTokenizer.load(fitted)
+            need_tok = old.token_rate != cfg.token_rate or fitted.stat().st_mtime < Path(tok_spec).stat().st_mtime
+        except (ValueError, OSError):
+            need_tok = True
     if emb_spec == "builtin":
         emb_spec = str(des / BUILTIN_EMBEDDING_FILE)
         need_emb = not Path(emb_spec).is_file()

@@ -297,6 +297,23 @@ class BuiltinSpeechTokenizer:
         c = kmeans((frames - mean) / std, codebook_size, iters=iters, seed=seed)
         return cls(c.numpy(), mean.numpy(), std.numpy(), token_rate, n_mels)
 
+    @classmethod
+    def fit_labelled(cls, frames: torch.Tensor, labels: torch.Tensor, token_rate: int, codebook_size: int,
+                     n_mels: int = 128) -> "BuiltinSpeechTokenizer":
+        """Centroid k = the mean standardised frame labelled k (e.g. by a phone alignment): a nearest-class-mean
+        classifier that gives new audio the ids of the labels, for models trained on those labels; ids never
+        seen get a centroid no frame is near."""
+        frames = frames.to(torch.float32)
+        mean = frames.mean(0)
+        std = frames.std(0).clamp_min(1e-5)
+        z = (frames - mean) / std
+        counts = torch.bincount(labels.long(), minlength=codebook_size)[:codebook_size].to(torch.float32)
+        sums = torch.zeros(codebook_size, z.shape[1]).index_add_(0, labels.long(), z)
+        centroids = torch.full((codebook_size, z.shape[1]), 1e4)
+        seen = counts > 0
+        centroids[seen] = sums[seen] / counts[seen, None]
+        return cls(centroids.numpy(), mean.numpy(), std.numpy(), token_rate, n_mels)
+
     def tokenize_frames(self, frames: torch.Tensor) -> list[int]:
         z = (frames - self.mean) / self.std
         d = (z * z).sum(1, keepdim=True) - 2 * z @ self.centroids.T + (self.centroids ** 2).sum(1)[None]

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 import soundfile as sf
+import torch
 
 from cosytrain.data import prepare as P
 from cosytrain.data import shards as S
 from cosytrain.data.alignment_tokens import (SILENCE, AlignmentError, AlignmentSpeechTokenizer, frame_labels,
                                              num_tokens, read_ctm, write_ctm)
-from cosytrain.data.speech_tokenizer import load_speech_tokenizer
+from cosytrain.data.speech_tokenizer import BuiltinSpeechTokenizer, load_speech_tokenizer
 from tests.data.test_prepare import make_kaldi_corpus
 
 
@@ -79,9 +80,26 @@ def test_prepare_takes_tokens_from_an_alignment(tmp_path):
         assert abs(len(tokens) - 50 * lengths[u]) <= 1
         assert tokens[:10] == [tok.phones.index(table[u][0][2]) * 2 + (k >= 5) for k in range(10)]
         assert set(tokens[25:]) == {tok.phones.index(SILENCE) * 2}
+    # beside the shards, a tokenizer for new audio that speaks the alignment's ids (zero-shot prompts)
+    fitted = BuiltinSpeechTokenizer.load(des / P.BUILTIN_TOKENIZER_FILE)
+    assert fitted.token_rate == 50 and fitted.codebook_size == tok.codebook_size
     skipped = (des / P.SKIPPED).read_text()
     assert f"{utts[-1]}\tnot in the alignment phones.ctm" in skipped
     # the same alignment at 25 Hz into the same folder is a new set of tokens, not a reused shard
     assert P.main(argv + ["--token_rate", "25"]) == 0
     rows25 = {r["utt"]: r["speech_token"] for r in S.iter_rows(des / "data.list", columns=["utt", "speech_token"])}
     assert all(abs(len(rows25[u]) - 25 * lengths[u]) <= 1 for u in rows25)
+    assert BuiltinSpeechTokenizer.load(des / P.BUILTIN_TOKENIZER_FILE).token_rate == 25  # refitted for the rate
+
+
+def test_nearest_class_mean_tokenizer_gives_the_labels_ids():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(2, 128, generator=g) * 3
+    frames = torch.cat([centres[0] + 0.1 * torch.randn(50, 128, generator=g),
+                        centres[1] + 0.1 * torch.randn(50, 128, generator=g)])
+    labels = torch.tensor([3] * 50 + [0] * 50)
+    tok = BuiltinSpeechTokenizer.fit_labelled(frames, labels, token_rate=50, codebook_size=6)
+    assert tok.codebook_size == 6
+    new = torch.cat([centres[1] + 0.1 * torch.randn(5, 128, generator=g),
+                     centres[0] + 0.1 * torch.randn(5, 128, generator=g)])
+    assert tok.tokenize_frames(new) == [0] * 5 + [3] * 5  # ids 1, 2, 4, 5 were never labelled: never chosen
