@@ -78,7 +78,8 @@ def write_ctm(path: str | Path, table: dict[str, Sequence[Segment]]) -> None:
 
 
 def num_tokens(num_samples_16k: int, token_rate: int) -> int:
-    """Tokens an utterance of this many 16 kHz samples gets: as many as the built-in tokenizer gives."""
+    """Tokens an utterance of this many 16 kHz samples gets: whole token periods of its 10-ms frames (the
+    built-in tokenizer gives one more when the frame count is not a multiple of the period)."""
     return max((num_samples_16k // HOP) // (100 // token_rate), 1)
 
 
@@ -142,5 +143,5 @@ class AlignmentSpeechTokenizer:
         return [self.tokens(u, len(a)) for u, a in zip(utts, audios16k)]
 
     def tokenize_batch(self, audios16k: Sequence[np.ndarray]) -> list[list[int]]:
-        raise AlignmentError(f"{self.source}: alignment tokens need utterance ids; new audio (a zero-shot prompt) "
-                             "cannot be tokenized with an alignment, take the prompt from the training shards")
+        raise AlignmentError(f"{self.source}: alignment tokens need utterance ids; tokenize new audio (a zero-shot"
+                             " prompt) with the speech_tokenizer_builtin.npz that prepare fits beside the shards")

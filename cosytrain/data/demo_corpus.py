@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from cosytrain.data.espeak import open_espeak, set_voice
 from cosytrain.data.shards import atomic_write_text
 
 SAMPLE_RATE = 22050
@@ -94,7 +95,6 @@ class _Espeak:
     """Minimal ctypes binding: synchronous synthesis into a Python buffer via the synth callback, with
     the phone events (name and start sample) espeak-ng reports while it speaks."""
 
-    AUDIO_OUTPUT_SYNCHRONOUS = 2
     INITIALIZE_PHONEME_EVENTS = 1
     POS_CHARACTER = 1
     CHARS_UTF8 = 1
@@ -105,8 +105,6 @@ class _Espeak:
     def __init__(self) -> None:
         import ctypes
 
-        import espeakng_loader
-
         class _EventId(ctypes.Union):
             _fields_ = [("number", ctypes.c_int), ("name", ctypes.c_char_p), ("string", ctypes.c_char * 8)]
 
@@ -116,19 +114,8 @@ class _Espeak:
                         ("audio_position", ctypes.c_int), ("sample", ctypes.c_int),
                         ("user_data", ctypes.c_void_p), ("id", _EventId)]
 
-        self.ct = ctypes
-        self.lib = ctypes.CDLL(espeakng_loader.get_library_path())
+        self.lib, self.sample_rate = open_espeak(self.INITIALIZE_PHONEME_EVENTS)
         self.libc = ctypes.CDLL(None)  # libc rand() feeds espeak's noise sources; pin it per utterance
-        self.lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
-        self.lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
-        self.lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
-        self.lib.espeak_Synth.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int,
-                                          ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]
-        sr = self.lib.espeak_Initialize(self.AUDIO_OUTPUT_SYNCHRONOUS, 0, espeakng_loader.get_data_path().encode(),
-                                        self.INITIALIZE_PHONEME_EVENTS)
-        if sr <= 0:
-            raise RuntimeError(f"libespeak-ng from espeakng-loader failed to initialise (code {sr})")
-        self.sample_rate = int(sr)
         self._chunks: list = []
         self._phones: list[tuple[str, int]] = []
         proto = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.POINTER(_Event))
@@ -152,9 +139,7 @@ class _Espeak:
         import numpy as np
 
         self.libc.srand(seed)
-
-        if self.lib.espeak_SetVoiceByName(voice.voice.encode()) != 0:
-            raise RuntimeError(f"espeak-ng voice {voice.voice!r} not found in the espeakng-loader data")
+        set_voice(self.lib, voice.voice)
         self.lib.espeak_SetParameter(self.RATE, voice.rate, 0)
         self.lib.espeak_SetParameter(self.PITCH, voice.pitch, 0)
         self._chunks, self._phones = [], []

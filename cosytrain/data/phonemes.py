@@ -10,11 +10,9 @@ VITS, Piper); upstream CosyVoice reads subword text because its LLM learns from 
 
 The phonemes are espeak-ng's ASCII phoneme mnemonics (``espeak_TextToPhonemes``, "en-us" voice,
 stress marks kept, words separated by spaces, clauses by `` | ``), so the ids are the bytes of that
-string and the vocabulary stays the byte tokenizer's 257. The library comes from the
-``espeakng-loader`` wheel (no system package, nothing downloaded), driven through ctypes; no Python
-package exposes espeak-ng's phonemizer without a system library (``phonemizer`` shells out to an
-installed espeak), hence this small binding. Text-to-phoneme conversion is deterministic (the hidden
-state noted in :mod:`cosytrain.data.demo_corpus` concerns audio only).
+string and the vocabulary stays the byte tokenizer's 257. The library is opened by ``espeak.py``
+(the ``espeakng-loader`` wheel through ctypes, nothing downloaded). Text-to-phoneme conversion is
+deterministic (the hidden state noted in :mod:`cosytrain.data.demo_corpus` concerns audio only).
 """
 
 from __future__ import annotations
@@ -23,37 +21,20 @@ import ctypes
 import threading
 from functools import lru_cache
 
+from cosytrain.data.espeak import open_espeak, set_voice
+
 PHONEME_VOICE = "en-us"
 CLAUSE_SEPARATOR = " | "
 _TEXT_MODE_UTF8 = 1
 _PHONEMES_ASCII = 0
-_AUDIO_OUTPUT_SYNCHRONOUS = 2
-
-
-class PhonemizerUnavailable(RuntimeError):
-    """libespeak-ng could not be loaded or initialised; the message names the fix."""
 
 
 class _EspeakPhonemizer:
     """One libespeak-ng handle per process; calls are serialised (the library is not thread-safe)."""
 
     def __init__(self, voice: str = PHONEME_VOICE) -> None:
-        try:
-            import espeakng_loader
-        except ImportError as ex:
-            raise PhonemizerUnavailable("the phoneme text tokenizer needs espeakng-loader: "
-                                        "pip install espeakng-loader (a cosytrain dependency)") from ex
-        lib = ctypes.CDLL(espeakng_loader.get_library_path())
-        lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
-        lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
-        lib.espeak_TextToPhonemes.restype = ctypes.c_char_p
-        lib.espeak_TextToPhonemes.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, ctypes.c_int]
-        if lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, espeakng_loader.get_data_path().encode(), 0) <= 0:
-            raise PhonemizerUnavailable("libespeak-ng from espeakng-loader failed to initialise; reinstall "
-                                        "espeakng-loader")
-        if lib.espeak_SetVoiceByName(voice.encode()) != 0:
-            raise PhonemizerUnavailable(f"espeak-ng voice {voice!r} not found in the espeakng-loader data")
-        self._lib = lib
+        self._lib, _ = open_espeak()
+        set_voice(self._lib, voice)
         self._lock = threading.Lock()
 
     def phonemes(self, text: str) -> str:

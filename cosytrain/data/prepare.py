@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -159,17 +160,31 @@ def _torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
+def _alignment(path: str, token_rate: int) -> Any:
+    """The CTM of ``--speech_tokenizer x.ctm``, read once per process and version of the file (stage 0 scans
+    the corpus in several chunks; a rebuilt corpus rewrites the file in place)."""
+    stat = Path(path).stat()
+    return _read_alignment(path, token_rate, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=1)
+def _read_alignment(path: str, token_rate: int, _mtime_ns: int, _size: int) -> Any:
+    from cosytrain.data.speech_tokenizer import load_speech_tokenizer
+
+    return load_speech_tokenizer(path, token_rate=token_rate)
+
+
 def _scan_for_fit(args: tuple[list[Utterance], dict, int, bool, bool]) -> tuple[list, list, list, list]:
     """Stage 0: pooled log-mel frames (sampled) and fbank stats of valid rows, for the built-in fits; with an
     alignment (``--speech_tokenizer x.ctm``) also each sampled frame's alignment token."""
     import torch
 
     from cosytrain.data.speaker_embedding import fbank_stats
-    from cosytrain.data.speech_tokenizer import builtin_frames, load_speech_tokenizer, to_16k
+    from cosytrain.data.speech_tokenizer import builtin_frames, to_16k
 
     utts, cfg, per_utt, want_frames, want_stats = args
     aligned = want_frames and str(cfg["speech_tokenizer"]).endswith(".ctm")
-    alignment = load_speech_tokenizer(cfg["speech_tokenizer"], token_rate=cfg["token_rate"]) if aligned else None
+    alignment = _alignment(cfg["speech_tokenizer"], cfg["token_rate"]) if aligned else None
     frames, labels, stats, done = [], [], [], []
     for u in utts:
         loaded = load_checked(u, cfg["min_duration"], cfg["max_duration"], cfg["min_sample_rate"])
@@ -370,9 +385,7 @@ def _fit_builtins(cfg: PrepareConfig, utts: list[Utterance], des: Path, need_tok
             raise ValueError(nothing.format("speech tokenizer"))
         x = torch.from_numpy(np.concatenate(frames))
         if labels:  # an alignment's tokens: the nearest-class-mean tokenizer for new audio (zero-shot prompts)
-            from cosytrain.data.speech_tokenizer import load_speech_tokenizer
-
-            size = load_speech_tokenizer(cfg.speech_tokenizer, token_rate=cfg.token_rate).codebook_size
+            size = _alignment(cfg.speech_tokenizer, cfg.token_rate).codebook_size
             tok = BuiltinSpeechTokenizer.fit_labelled(x, torch.from_numpy(np.concatenate(labels)), cfg.token_rate,
                                                       size)
         else:
