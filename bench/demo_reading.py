@@ -66,6 +66,7 @@ def main() -> None:
     from cosytrain.data.alignment_tokens import DEFAULT_STATES, AlignmentSpeechTokenizer
     from cosytrain.data.datamodule import DemoDataModule
     from cosytrain.data.demo_corpus import ALIGNMENT_FILE, default_root
+    from cosytrain.export.trained_weights import checkpoint_parts
     from cosytrain.tasks.part_config import instantiate_part
     from demo_flow_probe import held_out
 
@@ -73,8 +74,8 @@ def main() -> None:
     cfg = yaml.safe_load((a.run / "config.yaml").read_text())
     llm = instantiate_part(cfg["model"]["init_args"]["llm"])
     ckpt = a.ckpt if a.ckpt.is_absolute() else a.run / a.ckpt
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
-    llm.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("llm.")})
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+    llm.load_state_dict(checkpoint_parts(checkpoint, str(ckpt)).states["llm"])  # EMA/LoRA as the export takes them
     llm.eval()
     data = dict(cfg["data"]["init_args"])
     root = Path(data["root"]) if data.get("root") else default_root()
