@@ -38,6 +38,7 @@ from cosytrain.tasks.init_from import InitFrom
 from cosytrain.tasks.lora import Adapters
 from cosytrain.tasks.optim import TrainConf, build_optimization
 from cosytrain.tasks.precision import loss_scale
+from cosytrain.tasks.token_noise import check_rate, noisy_speech_tokens
 
 PART_NAMES = ("llm", "flow")
 
@@ -88,6 +89,10 @@ class SpeechTask(pl.LightningModule):
             from a checkpoint draws exactly what an uninterrupted run draws (Lightning does not save
             RNG state), DDP ranks draw differently, and validation losses are comparable across
             evaluations. None keeps one free-running RNG stream (upstream's behaviour).
+        llm_input_noise: during training, the fraction of the speech tokens the LLM reads that are
+            replaced by random ones (uniform over its speech vocabulary), its targets unchanged
+            (``tasks/token_noise.py``; 0 = upstream's clean teacher forcing). It makes a small LLM read
+            its text rather than continue its own tokens (the demo recipe uses 0.4).
     """
 
     def __init__(
@@ -99,6 +104,7 @@ class SpeechTask(pl.LightningModule):
         init_from: str | None = None,
         step_seed: int | None = 1986,
         lora: dict[str, dict[str, Any]] | None = None,
+        llm_input_noise: float = 0.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=list(PART_NAMES))
@@ -121,6 +127,9 @@ class SpeechTask(pl.LightningModule):
             self.adapters.attach(self)
         self.frozen = self._freeze(freeze or [])
         self.step_seed = step_seed
+        self.llm_input_noise = check_rate(llm_input_noise)
+        if self.llm_input_noise and llm is None:
+            raise ConfigurationError("llm_input_noise is set but this run trains no llm (model.init_args.llm)")
         self.skipped_steps = 0
         self.last_grad_norm: dict[str, float] = {}
 
@@ -211,7 +220,7 @@ class SpeechTask(pl.LightningModule):
                          batch_size=1)
         total = None
         for name, part in self.parts().items():
-            out = part(batch, self.device)
+            out = self._part_step(name, part, batch, stage)
             if "loss" not in out:
                 raise KeyError(f"{name}.forward(batch, device) must return a dict with 'loss'; got {sorted(out)}")
             total = out["loss"] if total is None else total + out["loss"]
@@ -222,6 +231,13 @@ class SpeechTask(pl.LightningModule):
         if len(self.part_names) > 1:
             self.log(f"{stage}/loss", total.detach().float(), batch_size=batch_size, sync_dist=stage != "train")
         return total
+
+    def _part_step(self, name: str, part: nn.Module, batch: dict[str, Any], stage: str) -> dict[str, Any]:
+        if name == "llm" and stage == "train" and self.llm_input_noise > 0:
+            noisy = noisy_speech_tokens(batch["speech_token"], batch["speech_token_len"], self.llm_input_noise,
+                                        getattr(part, "speech_token_size", None))
+            return part(batch, self.device, input_speech_token=noisy)
+        return part(batch, self.device)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         # Lightning uses a logged "step" as the logger x-axis: the optimizer step this batch belongs
@@ -297,9 +313,9 @@ class LLMTask(SpeechTask):
 
     def __init__(self, llm: nn.Module, train_conf: dict[str, Any] | None = None, freeze: list[str] | None = None,
                  init_from: str | None = None, step_seed: int | None = 1986,
-                 lora: dict[str, dict[str, Any]] | None = None) -> None:
+                 lora: dict[str, dict[str, Any]] | None = None, llm_input_noise: float = 0.0) -> None:
         super().__init__(llm=llm, train_conf=train_conf, freeze=freeze, init_from=init_from, step_seed=step_seed,
-                         lora=lora)
+                         lora=lora, llm_input_noise=llm_input_noise)
 
 
 class FlowTask(SpeechTask):

@@ -13,13 +13,13 @@ from __future__ import annotations
 import logging
 import random
 from pathlib import Path
-from typing import Callable, Dict, Generator, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Generator, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence, unpad_sequence
 
-from cosytrain.models.common import IGNORE_ID, th_accuracy
+from cosytrain.models.common import IGNORE_ID
 from cosytrain.models.llm.transformer_lm import TransformerLM
 from cosytrain.models.transformer.label_smoothing_loss import LabelSmoothingLoss
 from cosytrain.models.transformer.mask import make_pad_mask
@@ -224,15 +224,10 @@ class Qwen2LM(TransformerLM):
         """v2 never uses instruct tokens in the LM (the v2 front end puts instructions in the text)."""
         return None, None, None
 
-    def forward(self, batch: dict, device: torch.device) -> Dict[str, Optional[torch.Tensor]]:
-        """Teacher-forced loss/acc on a padded batch (upstream keys; ``embedding`` is unused)."""
-        logits, lm_target = self.logits_and_target(batch, device)
-        loss = self.criterion_ce(logits, lm_target)  # log-softmax in float32 inside
-        acc = th_accuracy(logits.view(-1, self.num_classes), lm_target, ignore_label=IGNORE_ID)
-        return {"loss": loss, "acc": acc}
-
-    def logits_and_target(self, batch: dict, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The training layout's logits (B, T, classes) and targets (B, T; IGNORE_ID where none)."""
+    def logits_and_target(self, batch: dict, device: torch.device,
+                          input_speech_token: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Logits (B, T, classes) and targets (B, T; IGNORE_ID where none); ``forward`` (TransformerLM's:
+        loss and accuracy over these) and ``input_speech_token`` as there; ``embedding`` is unused."""
         text_token = batch["text_token"].to(device)
         text_token_len = batch["text_token_len"].to(device)
         speech_token = batch["speech_token"].to(device)
@@ -241,7 +236,8 @@ class Qwen2LM(TransformerLM):
 
         text_token_emb = self._text_emb(text_token)
         sos_emb, task_id_emb = self._special_emb(self.sos), self._special_emb(self.task_id)
-        speech_token_emb = self.speech_embedding(speech_token)
+        read = speech_token if input_speech_token is None else input_speech_token.to(device)  # ours: token noise
+        speech_token_emb = self.speech_embedding(read)
         lm_target, lm_input, lm_input_len = self.prepare_lm_input_target(
             sos_emb, text_token, text_token_emb, text_token_len, task_id_emb,
             speech_token, speech_token_emb, speech_token_len,

@@ -99,15 +99,24 @@ class TransformerLM(nn.Module):
         lm_input_len = torch.tensor([x.size(0) for x in lm_input], dtype=torch.int32)
         return pad_sequence(lm_input, batch_first=True, padding_value=IGNORE_ID), lm_input_len
 
-    def forward(self, batch: dict, device: torch.device) -> Dict[str, Optional[torch.Tensor]]:
-        """Teacher-forced loss on a padded batch (upstream batch keys); returns loss and acc."""
-        logits, lm_target = self.logits_and_target(batch, device)
-        loss = self.criterion_ce(logits, lm_target)
-        acc = th_accuracy(logits.view(-1, self.speech_token_size + 1), lm_target, ignore_label=IGNORE_ID)
+    def forward(self, batch: dict, device: torch.device,
+                input_speech_token: Optional[torch.Tensor] = None) -> Dict[str, Optional[torch.Tensor]]:
+        """Teacher-forced loss on a padded batch (upstream batch keys); returns loss and acc.
+
+        ``input_speech_token`` (ours; upstream has no such argument): the speech tokens the LM reads
+        when they differ from the targets (``batch["speech_token"]``), e.g. with token noise
+        (``cosytrain/tasks/token_noise.py``); same shape. None reads the targets, as upstream.
+        """
+        logits, lm_target = self.logits_and_target(batch, device, input_speech_token)
+        loss = self.criterion_ce(logits, lm_target)  # log-softmax in float32 inside
+        # over every class the decoder has (v1: speech_token_size + 1; Qwen2LM, which inherits this: + 3)
+        acc = th_accuracy(logits.view(-1, logits.shape[-1]), lm_target, ignore_label=IGNORE_ID)
         return {"loss": loss, "acc": acc}
 
-    def logits_and_target(self, batch: dict, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The training layout's logits (B, T, classes) and targets (B, T; IGNORE_ID where none)."""
+    def logits_and_target(self, batch: dict, device: torch.device,
+                          input_speech_token: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The training layout's logits (B, T, classes) and targets (B, T; IGNORE_ID where none);
+        ``input_speech_token`` as in :meth:`forward`."""
         text_token = batch["text_token"].to(device)
         text_token_len = batch["text_token_len"].to(device)
         speech_token = batch["speech_token"].to(device)
@@ -129,7 +138,8 @@ class TransformerLM(nn.Module):
         embedding = self.spk_embed_affine_layer(F.normalize(embedding, dim=1)).unsqueeze(1)
         sos_emb = self.llm_embedding.weight[self.sos].reshape(1, 1, -1)
         task_id_emb = self.llm_embedding.weight[self.task_id].reshape(1, 1, -1)
-        speech_emb = self.speech_embedding(speech_token)
+        speech_emb = self.speech_embedding(speech_token if input_speech_token is None
+                                           else input_speech_token.to(device))
 
         lm_input, lm_input_len = self.pad_unpad_sequence(
             sos_emb, embedding, text_emb, text_token_len, task_id_emb, speech_emb, speech_token_len
