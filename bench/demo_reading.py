@@ -7,7 +7,7 @@ consecutive repeats collapse into one phone, pauses are dropped, ``jiwer`` count
 accuracy (``val/llm_acc``) does not say this: an LLM can score well on it and still skip or repeat words
 when it runs on its own.
 
-    python bench/demo_reading.py runs/sft checkpoints/last.ckpt --num 10 --samplers ras,greedy,top_k3
+    python bench/demo_reading.py runs/sft checkpoints/last.ckpt --num 10 --samplers greedy,ras,top_k3
 
 ``run`` is a run folder (its ``config.yaml`` names the LLM and the data); the held-out utterances are the
 first of each voice in the validation shard. Prints, per sampler, the phone error rate, the duration
@@ -45,7 +45,7 @@ def samplers() -> dict:
 
     from cosytrain.models import sampling as S
 
-    return {"ras": S.ras_sampling, "greedy": lambda w, d, s: w.argmax().reshape(1),
+    return {"ras": S.ras_sampling, "greedy": S.greedy_sampling,
             "top_k3": lambda w, d, s: S.nucleus_sampling(w, 0.8, 3),
             "ras_tau0.5": functools.partial(S.ras_sampling, tau_r=0.5)}
 

@@ -182,6 +182,16 @@ def test_failed_check_leaves_existing_export_untouched(tmp_path: Path, base: Pat
         export_model([ckpt], out, base=base)
 
 
+def test_greedy_sampling_is_written_as_upstream_ras_with_top_k_1() -> None:
+    from cosytrain.export.run_config import run_config_to_tree
+
+    tree = run_config_to_tree({"sampling": "cosytrain.models.sampling.greedy_sampling",
+                               "other": "cosytrain.models.sampling.ras_sampling"})
+    assert tree["sampling"].target == "cosyvoice.utils.common.ras_sampling"
+    assert tree["sampling"].kwargs == {"top_k": 1, "tau_r": 1.1}
+    assert tree["other"].target == "cosyvoice.utils.common.ras_sampling" and tree["other"].kwargs == {}
+
+
 def test_config_from_the_training_runs_without_base(tmp_path: Path) -> None:
     tiny.write_run_config(tmp_path / "tts", ("llm", "flow"), text_tokenizer="byte")
     tts = tiny.make_ckpt(tmp_path / "tts" / "checkpoints" / "last.ckpt",

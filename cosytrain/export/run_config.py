@@ -95,6 +95,19 @@ def _upstream_name(dotted: str, where: str, reverse: dict[int, tuple[str, str]])
                       " name it; export with --base DIR instead")
 
 
+def _upstream_equivalent(dotted: str) -> tuple[str, dict[str, Any]] | None:
+    """(upstream function, kwargs) that computes what the cosytrain function ``dotted`` does, from its
+    module's ``UPSTREAM_EQUIVALENT`` (e.g. greedy sampling = upstream's RAS with top_k 1), or None."""
+    module_name, _, attr = dotted.rpartition(".")
+    if not module_name.startswith("cosytrain."):
+        return None
+    try:
+        table = getattr(importlib.import_module(module_name), "UPSTREAM_EQUIVALENT", {})
+    except ImportError:
+        return None
+    return table.get(attr) if isinstance(table, Mapping) else None
+
+
 def _cosytrain_only_args(class_path: str) -> frozenset[str]:
     """Arguments a cosytrain class takes but upstream's class of the same name does not (its
     ``COSYTRAIN_ONLY_ARGS``): never written, or upstream's ``load_hyperpyyaml`` refuses the config."""
@@ -132,6 +145,9 @@ def run_config_to_tree(value: Any, where: str = "", reverse: dict[int, tuple[str
     if isinstance(value, (list, tuple)):
         return [run_config_to_tree(v, f"{where}[{i}]", reverse) for i, v in enumerate(value)]
     if isinstance(value, str) and re.fullmatch(r"(cosytrain|cosyvoice|matcha)(\.\w+)+", value):
+        equivalent = _upstream_equivalent(value)
+        if equivalent is not None:
+            return Name(equivalent[0], [], dict(equivalent[1]))
         try:
             kind, upstream = _upstream_name(value, where, reverse)
         except ExportError:

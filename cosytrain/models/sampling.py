@@ -57,3 +57,21 @@ def ras_sampling(
     if rep_num >= win_size * tau_r:
         top_ids = random_sampling(weighted_scores, decoded_tokens, sampling)
     return top_ids
+
+
+def greedy_sampling(weighted_scores: torch.Tensor, decoded_tokens: List[int], sampling: int) -> torch.Tensor:
+    """The most likely token, every step (ours; upstream has no greedy sampler by that name).
+
+    For speech tokens that repeat by design (the demo's phone x half tokens) it reads best: upstream's
+    RAS resamples from the whole distribution whenever the pick repeats, i.e. inside every phone
+    (README, "What the demo sounds like"). Exported as :data:`UPSTREAM_EQUIVALENT`: upstream's
+    ``ras_sampling`` with ``top_k: 1`` (nucleus keeps only the most likely token) and ``tau_r: 1.1``
+    (a repeat count can never reach 1.1 x the window, so it never resamples), which is this function.
+    """
+    return weighted_scores.argmax().reshape(1)
+
+
+# What an upstream config names for a sampler of ours that upstream lacks: (upstream function, kwargs)
+UPSTREAM_EQUIVALENT = {
+    "greedy_sampling": ("cosyvoice.utils.common.ras_sampling", {"top_k": 1, "tau_r": 1.1}),
+}

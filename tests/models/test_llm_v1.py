@@ -149,6 +149,25 @@ def test_ras_falls_back_to_random_sampling_on_repeats():
     assert ras_sampling(scores, [], 25).item() == first.item()
 
 
+def test_greedy_sampling_is_its_exported_upstream_equivalent():
+    """greedy_sampling is exported as upstream's ras_sampling with top_k 1, tau_r 1.1: the same picks, also
+    on windows full of repeats (where RAS with upstream's defaults would resample)."""
+    from cosytrain.models.sampling import UPSTREAM_EQUIVALENT, greedy_sampling
+
+    name, kwargs = UPSTREAM_EQUIVALENT["greedy_sampling"]
+    assert name == "cosyvoice.utils.common.ras_sampling"
+    torch.manual_seed(0)
+    differs = 0
+    for i in range(40):
+        scores = torch.log_softmax(torch.randn(30) * 2, dim=0)
+        best = int(scores.argmax())
+        window = [best] * 10 if i % 2 else list(range(10))
+        assert greedy_sampling(scores, window, 25).item() == best
+        assert ras_sampling(scores, window, 25, **kwargs).item() == best
+        differs += ras_sampling(scores, window, 25).item() != best  # upstream's defaults do not always pick it
+    assert differs > 5
+
+
 # ----------------------------------------------------------------------------- inference
 def _infer(model, text_len=3, prompt_len=2, seed=0, **kw):
     g = torch.Generator().manual_seed(11)
