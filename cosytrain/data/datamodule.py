@@ -39,7 +39,8 @@ class CosyDataModule(pl.LightningDataModule):
             -1 (v1) does not pad.
         token_mel_ratio: when > 0, trim ``speech_feat``/``speech_token`` so feat = ratio x tokens
             (v2/v3 flow training needs exactly that); 0 leaves both untouched.
-        text_tokenizer: ``byte`` (demo), ``whisper`` (v1), ``qwen`` (v2) or ``qwen3`` (v3).
+        text_tokenizer: ``byte`` (toy runs), ``phone`` / ``phoneme`` (espeak-ng's phonemes of English: the demo),
+            ``whisper`` (v1), ``qwen`` (v2) or ``qwen3`` (v3) (``data/text_tokenizer.py``).
         text_tokenizer_path: the whisper vocabulary file or the CosyVoice-BlankEN folder.
         min_length, max_length: keep utterances of this many 10 ms frames (upstream ``filter``).
         token_min_length, token_max_length: keep utterances with this many text tokens.

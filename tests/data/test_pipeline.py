@@ -277,6 +277,61 @@ def test_phoneme_tokenizer_reads_sounds_not_spelling() -> None:
     assert tok.encode(texts[0]) == ids[0]  # deterministic
 
 
+def test_phone_tokenizer_gives_one_id_per_phone_from_espeaks_table() -> None:
+    from cosytrain.data.phonemes import PHONES, phone_sequence, phonemize
+    from cosytrain.data.text_tokenizer import build_text_tokenizer
+
+    tok = build_text_tokenizer("phone")
+    text = "The sky turned pink. Cough, though!"
+    ids = tok.encode(text)
+    assert tok.vocab_size == 257 and 0 not in ids and tok.unknown_id not in ids
+    names = tok.decode(ids).split()
+    assert names == list(phone_sequence(text)) and names[:4] == ["D", "@2", "s", "k"]
+    assert names[4:6] == ["'", "aI"]  # the stress mark is its own id, before the vowel
+    assert names.count("_") == 2  # a pause between the three clauses, no word breaks
+    # the same phones as the phoneme string, without its spaces and clause marks
+    assert "".join(n for n in names if n != "_") == phonemize(text).replace(" | ", "").replace(" ", "")
+    assert tok.encode_lengths([text, "Hello."]) == [len(ids), len(tok.encode("Hello."))]
+    # far fewer ids than the phoneme bytes: upstream's minimum of 2 speech tokens per text id stays low
+    assert len(ids) < 0.7 * len(build_text_tokenizer("phoneme").encode(text))
+    assert tok.encode("Zorblax quantified it.")[0] == 1 + PHONES.index("z")
+
+
+def test_phone_table_is_espeak_ngs_en_us_table() -> None:
+    """PHONES is written out in phonemes.py; this reads espeak-ng's compiled phoneme tables (phontab of the
+    installed espeakng-loader) and checks it is the en-us table in code order, so a different espeak-ng
+    whose codes moved fails here rather than silently renumbering the demo LLM's text ids."""
+    import struct
+
+    import espeakng_loader
+
+    from cosytrain.data.phonemes import PHONES
+
+    data = (Path(espeakng_loader.get_data_path()) / "phontab").read_bytes()
+    tables: dict[str, tuple[int, list[tuple[int, str]]]] = {}
+    order, pos = [], 4
+    for _ in range(data[0]):
+        count, includes = data[pos], data[pos + 1]
+        name = data[pos + 4:pos + 36].split(b"\0")[0].decode()
+        pos += 36
+        entries = []
+        for _ in range(count):
+            mnemonic, _, _, code = struct.unpack_from("<IIHB", data, pos)
+            entries.append((code, mnemonic.to_bytes(4, "little").rstrip(b"\0").decode("latin1")))
+            pos += 16
+        tables[name] = (includes, entries)
+        order.append(name)
+
+    def table(name: str) -> dict[int, str]:
+        includes, entries = tables[name]
+        out = table(order[includes - 1]) if includes else {}
+        out.update(entries)
+        return out
+
+    en_us = table("en-us")
+    assert tuple(n for _, n in sorted(en_us.items()) if n and n.isprintable()) == PHONES
+
+
 def test_whisper_tokenizer_missing_dependency_is_one_clear_error(tmp_path: Path, monkeypatch) -> None:
     """Without openai-whisper (simulated) the error names the extra; a wrong vocabulary path names the file."""
     import sys
