@@ -113,7 +113,7 @@ def test_export_best_by_a_synthesis_figure(runs, tmp_path):
 
 def test_export_reload_and_synthesize(runs, tmp_path, capsys):
     out = tmp_path / "model"
-    with pytest.warns(RuntimeWarning, match="'phoneme' text tokenizer"):
+    with pytest.warns(RuntimeWarning, match="'phone' text tokenizer"):
         export_model([runs / "sft" / "checkpoints" / "last.ckpt", runs / "hift" / "checkpoints" / "last.ckpt"], out)
     card = json.loads((out / "cosytrain.json").read_text())
     assert card["generation"] == "v1" and card["check"]["finite"]
