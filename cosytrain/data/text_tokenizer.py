@@ -85,12 +85,12 @@ class PhoneTokenizer:
     def __init__(self) -> None:
         from cosytrain.data.phonemes import PHONES, UNKNOWN
 
-        self.names = (*PHONES, UNKNOWN)
-        self._ids = {name: i + 1 for i, name in enumerate(self.names)}
-        self.unknown_id = self._ids[UNKNOWN]
         self.vocab_size = 257
-        if len(self.names) + 1 > self.vocab_size:
+        self.unknown_id = self.vocab_size - 1
+        if len(PHONES) >= self.unknown_id:
             raise AssertionError("the phone table outgrew the 257 text ids")
+        self._ids = {name: i + 1 for i, name in enumerate(PHONES)}
+        self._names = {i: name for name, i in self._ids.items()} | {self.unknown_id: UNKNOWN}
 
     def encode(self, text: str) -> list[int]:
         from cosytrain.data.phonemes import phone_sequence
@@ -104,7 +104,7 @@ class PhoneTokenizer:
 
     def decode(self, tokens: list[int]) -> str:
         """The phone names, space separated (for reading, not a round trip to text)."""
-        return " ".join(self.names[t - 1] for t in tokens if 1 <= t <= len(self.names))
+        return " ".join(self._names[t] for t in tokens if t in self._names)
 
 
 # openai-whisper's language order; the first ``num_languages`` become <|xx|> special tokens.

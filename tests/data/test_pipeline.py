@@ -297,6 +297,19 @@ def test_phone_tokenizer_gives_one_id_per_phone_from_espeaks_table() -> None:
     assert tok.encode("Zorblax quantified it.")[0] == 1 + PHONES.index("z")
 
 
+def test_phone_tokenizer_splits_stress_marks_and_maps_unknown_names(monkeypatch) -> None:
+    from cosytrain.data import phonemes
+    from cosytrain.data.text_tokenizer import PhoneTokenizer
+
+    assert phonemes._split_stress("''aI") == ["''", "aI"] and phonemes._split_stress(",'V") == [",", "'", "V"]
+    assert phonemes._split_stress("'") == ["'"] and phonemes._split_stress("t#") == ["t#"]
+    tok = PhoneTokenizer()
+    monkeypatch.setattr(phonemes, "phone_sequence", lambda text: ("k", "Zz9", "_"))  # a name no table has
+    ids = tok.encode("anything")
+    assert ids == [1 + phonemes.PHONES.index("k"), 256, 1 + phonemes.PHONES.index("_")] and tok.unknown_id == 256
+    assert tok.decode(ids) == "k <unk> _"
+
+
 def test_phone_table_is_espeak_ngs_en_us_table() -> None:
     """PHONES is written out in phonemes.py; this reads espeak-ng's compiled phoneme tables (phontab of the
     installed espeakng-loader) and checks it is the en-us table in code order, so a different espeak-ng
