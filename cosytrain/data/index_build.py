@@ -64,7 +64,8 @@ def tokenizer_identity(kind: str, path: Optional[str]) -> str:
         for f in files:
             h.update(f.name.encode())
             h.update(f.read_bytes())
-    elif kind in ("whisper", "phoneme", "phone"):  # a bundled vocabulary / espeak-ng's rules: the package version names it
+    elif kind in ("whisper", "phoneme", "phone"):
+        # a bundled vocabulary (whisper) or espeak-ng's rules and phoneme table: the package version names it
         try:
             from importlib.metadata import version
 

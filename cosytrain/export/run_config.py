@@ -78,19 +78,25 @@ def _reverse_registry() -> dict[int, tuple[str, str]]:
     return out
 
 
+def _cosytrain_object(dotted: str) -> Any:
+    """What a ``cosytrain.*`` dotted name names (imported), or None: another package's name, or nothing there."""
+    if not dotted.startswith("cosytrain."):
+        return None
+    module_name, _, attr = dotted.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError):
+        return None
+
+
 def _upstream_name(dotted: str, where: str, reverse: dict[int, tuple[str, str]]) -> tuple[str, str]:
     if dotted in registry.CLASSES:
         return "class", dotted
     if dotted in registry.FUNCTIONS:
         return "function", dotted
-    if dotted.startswith("cosytrain."):
-        module_name, _, attr = dotted.rpartition(".")
-        try:
-            obj = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError):
-            obj = None
-        if obj is not None and id(obj) in reverse:
-            return reverse[id(obj)]
+    obj = _cosytrain_object(dotted)
+    if obj is not None and id(obj) in reverse:
+        return reverse[id(obj)]
     raise ExportError(f"run config: {where}: {dotted} has no upstream CosyVoice equivalent, so no upstream yaml can"
                       " name it; export with --base DIR instead")
 
@@ -99,26 +105,14 @@ def _upstream_equivalent(dotted: str) -> tuple[str, dict[str, Any]] | None:
     """(upstream function, kwargs) that computes what the cosytrain function ``dotted`` does, from its
     module's ``UPSTREAM_EQUIVALENT`` (e.g. greedy sampling = upstream's RAS with top_k 1), or None."""
     module_name, _, attr = dotted.rpartition(".")
-    if not module_name.startswith("cosytrain."):
-        return None
-    try:
-        table = getattr(importlib.import_module(module_name), "UPSTREAM_EQUIVALENT", {})
-    except ImportError:
-        return None
+    table = _cosytrain_object(f"{module_name}.UPSTREAM_EQUIVALENT")
     return table.get(attr) if isinstance(table, Mapping) else None
 
 
 def _cosytrain_only_args(class_path: str) -> frozenset[str]:
     """Arguments a cosytrain class takes but upstream's class of the same name does not (its
     ``COSYTRAIN_ONLY_ARGS``): never written, or upstream's ``load_hyperpyyaml`` refuses the config."""
-    module_name, _, attr = class_path.rpartition(".")
-    if not module_name.startswith("cosytrain."):
-        return frozenset()
-    try:
-        obj = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError):
-        return frozenset()
-    return frozenset(getattr(obj, "COSYTRAIN_ONLY_ARGS", ()))
+    return frozenset(getattr(_cosytrain_object(class_path), "COSYTRAIN_ONLY_ARGS", ()))
 
 
 def run_config_to_tree(value: Any, where: str = "", reverse: dict[int, tuple[str, str]] | None = None) -> Any:

@@ -31,6 +31,8 @@ class UsageError(ValueError):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from cosytrain.data.text_tokenizer import TOKENIZER_KINDS
+
     p = argparse.ArgumentParser(
         prog="python -m cosytrain synthesize",
         description="Synthesise text with a CosyVoice model directory (cosyvoice.yaml / cosyvoice2.yaml /"
@@ -49,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="seed python/numpy/torch RNGs for a reproducible result")
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--no_text_frontend", action="store_true", help="skip text normalisation and sentence splitting")
-    p.add_argument("--text_tokenizer", choices=("byte", "phoneme", "phone", "whisper", "qwen", "qwen3"),
+    p.add_argument("--text_tokenizer", choices=TOKENIZER_KINDS,
                    help="override the directory's text tokenizer (default: cosytrain.json, else the generation's)")
     p.add_argument("--text_tokenizer_path", help="tokenizer file/folder (whisper: multilingual.tiktoken when"
                                                  " openai-whisper is not installed; qwen: CosyVoice-BlankEN)")
