@@ -209,6 +209,28 @@ def test_inference_refuses_eos_before_min_len_and_stops_at_it_after(fx):
     assert tokens == [3] * (2 * 3)  # eos redrawn for the first 6 steps, taken at step 7
 
 
+def test_greedy_eos_before_min_len_takes_the_best_speech_token(fx):
+    """Greedy picks eos on every redraw when the model is sure it is done: upstream raises after 100
+    redraws (the utterance is lost); here the draw after them masks eos and the special ids."""
+    from cosytrain.models.sampling import greedy_sampling
+
+    model = _model(fx)
+    n = model.speech_token_size
+    scores = torch.full((n + 1,), -10.0)
+    scores[n], scores[7], scores[3] = 0.0, -1.0, -2.0  # eos first, then token 7
+    picks = []
+
+    def greedy(weighted_scores, decoded, sampling):
+        picks.append(int(greedy_sampling(weighted_scores, decoded, sampling)))
+        return torch.tensor([picks[-1]])
+
+    model.sampling = greedy
+    assert int(model.sampling_ids(scores, [], 25, ignore_eos=True)) == 7
+    assert picks == [n] * 101 + [7]  # upstream's 100 redraws first: any draw upstream accepts is the same
+    assert int(model.sampling_ids(scores, [], 25, ignore_eos=False)) == n  # eos allowed: taken
+    assert float(scores[n]) == 0.0  # the caller's scores are not masked in place
+
+
 def test_inference_runs_to_max_len_without_eos(fx):
     model = _model(fx)
     model.sampling = _ScriptedSampler(model.eos_token, offer_eos=False)

@@ -150,7 +150,15 @@ class TransformerLM(nn.Module):
     def sampling_ids(
         self, weighted_scores: torch.Tensor, decoded_tokens: List[int], sampling: int, ignore_eos: bool = True
     ) -> torch.Tensor:
-        """Draw a token; while ``ignore_eos``, redraw (up to 100 times) until it is not eos."""
+        """Draw a token; while ``ignore_eos``, redraw (up to 100 times, as upstream) until it is not eos.
+
+        Upstream raises after the 100th eos. That is certain for a deterministic sampler whose pick is
+        eos (greedy, or top-k 1) and likely when the model is sure it is done: the utterance is lost.
+        Here the draw after the last redraw is taken with every id from ``speech_token_size`` up
+        (eos and the other special tokens) masked out: the most likely speech token for greedy, the
+        renormalised distribution for a random sampler. Every draw upstream would accept is the same
+        (same seed, same tokens); only the utterances upstream drops differ.
+        """
         num_trials, max_trials = 0, 100
         while True:
             top_ids = self.sampling(weighted_scores, decoded_tokens, sampling)
@@ -158,9 +166,9 @@ class TransformerLM(nn.Module):
                 return top_ids
             num_trials += 1
             if num_trials > max_trials:
-                raise RuntimeError(
-                    f"sampling drew eos {max_trials} times while eos is not allowed yet; check the inputs"
-                )
+                speech_only = weighted_scores.clone()
+                speech_only[self.speech_token_size:] = float("-inf")
+                return self.sampling(speech_only, decoded_tokens, sampling)
 
     @torch.inference_mode()
     def inference(
