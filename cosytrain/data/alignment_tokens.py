@@ -28,7 +28,9 @@ from typing import Sequence
 
 import numpy as np
 
-HOP = 160  # 10 ms at 16 kHz: the log-mel hop of upstream's tokenizers and the built-in one (speech_tokenizer.py)
+# 10 ms at 16 kHz: the frame hop of upstream's tokenizers and of speech_tokenizer.HOP, which it must equal (an
+# import would be a cycle: speech_tokenizer loads this module for *.ctm specs; tests/data/test_alignment_tokens.py)
+HOP = 160
 
 SILENCE = "<sil>"  # frames between, before or after the aligned phones
 DEFAULT_STATES = 2

@@ -52,6 +52,7 @@ SKIPPED = "skipped.tsv"
 FLAGGED = "flagged.tsv"
 CHECKS_VERSION = 2  # bump when row validation changes, so finished shards are validated again
 BUILTIN_TOKENIZER_FILE = "speech_tokenizer_builtin.npz"
+FITTED_FROM_FILE = BUILTIN_TOKENIZER_FILE + ".alignment"  # sha256 of the CTM that tokenizer was fitted on
 BUILTIN_EMBEDDING_FILE = "campplus_builtin.npz"
 GENERATION_TOKEN_RATE = {"v1": 50, "v2": 25, "v3": 25}
 
@@ -361,6 +362,12 @@ def _write_manifest(des: Path, completed: dict[str, str]) -> None:
     S.atomic_write_text(des / MANIFEST, json.dumps({"version": 1, "completed": completed}, indent=1))
 
 
+def _alignment_digest(path: str) -> str:
+    from cosytrain.utils.hashing import file_sha256
+
+    return file_sha256(path)
+
+
 def _fit_builtins(cfg: PrepareConfig, utts: list[Utterance], des: Path, need_tok: bool, need_emb: bool,
                   runner: _Runner) -> None:
     """Stage 0: fit whichever built-in front-ends are missing and save them next to the shards."""
@@ -395,6 +402,8 @@ def _fit_builtins(cfg: PrepareConfig, utts: list[Utterance], des: Path, need_tok
             with _torch_threads(1):  # the same centroids whatever --num_workers is
                 tok = BuiltinSpeechTokenizer.fit(x, cfg.token_rate, cfg.codebook_size, seed=cfg.seed)
         tok.save(des / BUILTIN_TOKENIZER_FILE)
+        if labels:
+            S.atomic_write_text(des / FITTED_FROM_FILE, _alignment_digest(cfg.speech_tokenizer) + "\n")
     if need_emb:
         if not stats:
             raise ValueError(nothing.format("speaker embedding"))
@@ -421,11 +430,13 @@ def _resolve_frontends(cfg: PrepareConfig, utts: list[Utterance], des: Path, run
                 need_tok = True
     elif tok_spec.endswith(".ctm"):
         # the training tokens come from the alignment; beside them, a tokenizer for new audio that gives its ids
-        # (zero-shot prompts of an exported model), refitted when the alignment or the rate changes
+        # (zero-shot prompts of an exported model), refitted when the rate or the alignment's bytes change (a
+        # digest, not the file times: a copied or checked-out CTM can be older than the fit and still differ)
         fitted = des / BUILTIN_TOKENIZER_FILE
         try:
             old = BuiltinSpeechTokenizer.load(fitted)
-            need_tok = old.token_rate != cfg.token_rate or fitted.stat().st_mtime < Path(tok_spec).stat().st_mtime
+            fitted_from = (des / FITTED_FROM_FILE).read_text().strip()
+            need_tok = old.token_rate != cfg.token_rate or fitted_from != _alignment_digest(tok_spec)
         except (ValueError, OSError):
             need_tok = True
     if emb_spec == "builtin":

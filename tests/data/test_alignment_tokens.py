@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import soundfile as sf
 import torch
@@ -62,6 +64,12 @@ def test_bad_ctm_files_name_the_line_and_the_fix(tmp_path):
         load_speech_tokenizer(bad, token_rate=None)
 
 
+def test_alignment_frames_are_the_speech_tokenizers_frames():
+    from cosytrain.data import alignment_tokens, speech_tokenizer
+
+    assert alignment_tokens.HOP == speech_tokenizer.HOP  # one token count per utterance, whichever tokenizes it
+
+
 def test_prepare_takes_tokens_from_an_alignment(tmp_path):
     src = make_kaldi_corpus(tmp_path / "src", with_bad=False)
     utts = [line.split()[0] for line in (src / "wav.scp").read_text().splitlines()]
@@ -90,6 +98,16 @@ def test_prepare_takes_tokens_from_an_alignment(tmp_path):
     rows25 = {r["utt"]: r["speech_token"] for r in S.iter_rows(des / "data.list", columns=["utt", "speech_token"])}
     assert all(abs(len(rows25[u]) - 25 * lengths[u]) <= 1 for u in rows25)
     assert BuiltinSpeechTokenizer.load(des / P.BUILTIN_TOKENIZER_FILE).token_rate == 25  # refitted for the rate
+    # another alignment with an OLDER file time (a copy with its times kept, a checkout) still refits: by digest
+    fitted_path = des / P.BUILTIN_TOKENIZER_FILE
+    before = fitted_path.read_bytes()
+    assert P.main(argv + ["--token_rate", "25"]) == 0
+    assert fitted_path.read_bytes() == before  # same alignment and rate: the fit is reused
+    table[utts[0]] = [(0.0, 0.4, "p2"), (0.4, 0.5, "q")]
+    write_ctm(src / "phones.ctm", table)
+    os.utime(src / "phones.ctm", ns=(1, 1))
+    assert P.main(argv + ["--token_rate", "25"]) == 0
+    assert fitted_path.read_bytes() != before
 
 
 def test_nearest_class_mean_tokenizer_gives_the_labels_ids():
