@@ -16,6 +16,7 @@
 #   speed.txt               bench/attention.py (SDPA), bench/vs_upstream.py (torch.compile, SDPA),
 #                           bench/batched_features.py on CUDA: the item-5 candidates measured on the GPU
 #   env.txt                 nvidia-smi, versions, the time each step took
+#   demo_*                  ONLY=demo (opt-in, its own call): the default recipe at GPU step counts (step 5)
 # SMOKE=1 runs the same steps with tiny sizes (what a CPU check of this script does:
 #   SMOKE=1 PY=python OUT=/tmp/gpu-out COSYTRAIN_GPU_TIER_ON_CPU=1 bash bench/gpu_session.sh).
 set -uo pipefail
@@ -68,6 +69,7 @@ else  # the most each step may take: 545 s together, inside the tool's 600 s per
 fi
 
 want() { [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $1 "* ]]; }  # ONLY="tier train infer speed": a subset
+asked() { [[ " ${ONLY:-} " == *" $1 "* ]]; }  # opt-in steps, not in the default session
 
 # ---------------------------------------------------------------- 1. the gpu test tier
 if want tier; then
@@ -103,6 +105,26 @@ want speed && {
     timeout "$FEAT_T" $PY bench/batched_features.py --device "$($PY -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')"
 } > "$OUT/speed.txt" 2>&1
 want speed && stamp "speed candidates: done"
+
+# ---------------------------------------------------------------- 5. the demo recipe at GPU step counts (opt-in)
+# Issue 15: on 2 CPU cores the default recipe's flow stays ~3x the vocoder floor (bench/README.md, "Where the
+# flow's MCD goes"); does it approach the floor with GPU-sized compute? ONLY=demo runs recipes/sft.yaml alone
+# for DEMO_MIN minutes of training (max_time; the corpus is built there with the carried espeakng-loader),
+# validating and synthesising every DEMO_VAL steps. Back: demo_reports.md (each validation's report, in step
+# order), demo_scalars.json (every synth/* and val/* scalar by step), demo_fit.log (the end of the log).
+# resemblyzer is not carried, so SIM is absent there (the callback warns and goes on).
+if asked demo; then
+    DEMO_MIN=${DEMO_MIN:-7}; DEMO_VAL=${DEMO_VAL:-2000}
+    [ "$SMOKE" = 1 ] && { DEMO_MIN=1; DEMO_VAL=50; }
+    rm -rf /tmp/demo_scale
+    timeout $((DEMO_MIN * 60 + 240)) $PY -m cosytrain fit --config recipes/sft.yaml --trainer.max_steps 1000000 \
+        --trainer.max_time "00:00:$(printf %02d "$DEMO_MIN"):00" --trainer.val_check_interval "$DEMO_VAL" \
+        --trainer.default_root_dir /tmp/demo_scale > /tmp/demo_fit.log 2>&1
+    rc=$?; tail -c 20000 /tmp/demo_fit.log | tr '\r' '\n' | tail -n 60 > "$OUT/demo_fit.log"
+    for r in /tmp/demo_scale/synthesis/step_*/report.md; do [ -f "$r" ] && { cat "$r"; echo; }; done > "$OUT/demo_reports.md"
+    $PY bench/tb_scalars.py /tmp/demo_scale --prefix synth/,val/ > "$OUT/demo_scalars.json" 2>> "$OUT/env.txt"
+    stamp "demo recipe: exit $rc, $(grep -c '^# Synthesis at step' "$OUT/demo_reports.md") validations"
+fi
 
 # ---------------------------------------------------------------- collect the figures
 $PY - "$OUT" <<'EOF' >> "$OUT/env.txt" 2>&1
