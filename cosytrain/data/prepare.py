@@ -46,6 +46,7 @@ import numpy as np
 from cosytrain.data import shards as S
 from cosytrain.data.audio_checks import check_audio
 from cosytrain.data.sources import SourceError, Utterance, read_corpus
+from cosytrain.utils.hashing import file_sha256
 
 MANIFEST = "prepare_manifest.json"
 SKIPPED = "skipped.tsv"
@@ -362,12 +363,6 @@ def _write_manifest(des: Path, completed: dict[str, str]) -> None:
     S.atomic_write_text(des / MANIFEST, json.dumps({"version": 1, "completed": completed}, indent=1))
 
 
-def _alignment_digest(path: str) -> str:
-    from cosytrain.utils.hashing import file_sha256
-
-    return file_sha256(path)
-
-
 def _fit_builtins(cfg: PrepareConfig, utts: list[Utterance], des: Path, need_tok: bool, need_emb: bool,
                   runner: _Runner) -> None:
     """Stage 0: fit whichever built-in front-ends are missing and save them next to the shards."""
@@ -403,7 +398,7 @@ def _fit_builtins(cfg: PrepareConfig, utts: list[Utterance], des: Path, need_tok
                 tok = BuiltinSpeechTokenizer.fit(x, cfg.token_rate, cfg.codebook_size, seed=cfg.seed)
         tok.save(des / BUILTIN_TOKENIZER_FILE)
         if labels:
-            S.atomic_write_text(des / FITTED_FROM_FILE, _alignment_digest(cfg.speech_tokenizer) + "\n")
+            S.atomic_write_text(des / FITTED_FROM_FILE, file_sha256(cfg.speech_tokenizer) + "\n")
     if need_emb:
         if not stats:
             raise ValueError(nothing.format("speaker embedding"))
@@ -436,7 +431,7 @@ def _resolve_frontends(cfg: PrepareConfig, utts: list[Utterance], des: Path, run
         try:
             old = BuiltinSpeechTokenizer.load(fitted)
             fitted_from = (des / FITTED_FROM_FILE).read_text().strip()
-            need_tok = old.token_rate != cfg.token_rate or fitted_from != _alignment_digest(tok_spec)
+            need_tok = old.token_rate != cfg.token_rate or fitted_from != file_sha256(tok_spec)
         except (ValueError, OSError):
             need_tok = True
     if emb_spec == "builtin":
