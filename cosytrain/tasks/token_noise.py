@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 
 from cosytrain.errors import ConfigurationError
+from cosytrain.models.transformer.mask import make_pad_mask
 
 
 def check_rate(rate: float) -> float:
@@ -44,7 +45,7 @@ def noisy_speech_tokens(tokens: torch.Tensor, lengths: torch.Tensor, rate: float
     if rate <= 0 or tokens.numel() == 0:
         return tokens
     lengths = lengths.to(tokens.device)
-    real = torch.arange(tokens.shape[1], device=tokens.device)[None, :] < lengths[:, None]
+    real = ~make_pad_mask(lengths, tokens.shape[1])
     replace = (torch.rand(tokens.shape, generator=generator, device=tokens.device) < rate) & real
     if vocab_size is not None:
         draws = torch.randint(int(vocab_size), tokens.shape, generator=generator, device=tokens.device)
