@@ -8,10 +8,13 @@ accuracy (``val/llm_acc``) does not say this: an LLM can score well on it and st
 when it runs on its own.
 
     python bench/demo_reading.py runs/sft checkpoints/last.ckpt --num 10 --samplers greedy,ras,top_k3
+        [--modes sft,zero_shot]
 
 ``run`` is a run folder (its ``config.yaml`` names the LLM and the data); the held-out utterances are the
-first of each voice in the validation shard. Prints, per sampler, the phone error rate, the duration
-ratio (generated / recorded tokens), the utterances where the LLM failed, and two examples.
+first of each voice in the validation shard. Prints, per sampler and mode, the phone error rate, the
+duration ratio (generated / recorded tokens), the utterances where the LLM failed, and two examples.
+``zero_shot`` reads each utterance with another held-out utterance of its voice as the prompt (its text,
+speech tokens and embedding, as upstream's zero-shot mode); only the tokens after the prompt are scored.
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ def main() -> None:
     p.add_argument("--num", type=int, default=10)
     p.add_argument("--samplers", default="ras,greedy,top_k3")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--modes", default="sft", help="sft and/or zero_shot (needs 2 utterances per voice)")
     a = p.parse_args()
 
     import jiwer
@@ -85,30 +89,48 @@ def main() -> None:
     items = held_out(dm, root, a.num, per_voice=(a.num + 4) // 5)
     names = AlignmentSpeechTokenizer.load(root / "kaldi" / ALIGNMENT_FILE, int(data.get("token_rate", 50))).phones
     empty = torch.zeros(1, 0, dtype=torch.int32)
+    prompts = {}  # zero-shot: the next held-out utterance of the same voice, round the voice's list
+    by_voice: dict[str, list] = {}
+    for it in items:
+        by_voice.setdefault(it.utt.rsplit("_", 1)[0], []).append(it)
+    for group in by_voice.values():
+        for k, it in enumerate(group):
+            prompts[it.utt] = group[(k + 1) % len(group)] if len(group) > 1 else None
+
+    def run(it, mode: str) -> list[int]:
+        text = it.text_token.to(torch.int32)
+        kw = dict(prompt_text=empty, prompt_text_len=torch.tensor([0]), prompt_speech_token=empty,
+                  prompt_speech_token_len=torch.tensor([0]), embedding=it.embedding.float())
+        if mode == "zero_shot":
+            pr = prompts[it.utt]
+            if pr is None:
+                raise RuntimeError("no other held-out utterance of this voice to prompt with (raise --num)")
+            kw = dict(prompt_text=pr.text_token.to(torch.int32), prompt_text_len=torch.tensor([pr.text_token.shape[1]]),
+                      prompt_speech_token=pr.speech_token.to(torch.int32),
+                      prompt_speech_token_len=torch.tensor([pr.speech_token.shape[1]]), embedding=pr.embedding.float())
+        with torch.no_grad():
+            return list(llm.inference(text=text, text_len=torch.tensor([text.shape[1]]), **kw))
+
     for name in a.samplers.split(","):
         llm.sampling = samplers()[name]
-        refs, hyps, ratios, failed = [], [], [], []
-        for i, it in enumerate(items):
-            torch.manual_seed(1986 + i)
-            text = it.text_token.to(torch.int32)
-            try:
-                with torch.no_grad():
-                    tokens = list(llm.inference(text=text, text_len=torch.tensor([text.shape[1]]), prompt_text=empty,
-                                                prompt_text_len=torch.tensor([0]), prompt_speech_token=empty,
-                                                prompt_speech_token_len=torch.tensor([0]),
-                                                embedding=it.embedding.float()))
-            except RuntimeError as exc:
-                failed.append(f"{it.utt}: {exc}")
-                tokens = []
-            refs.append(" ".join(phones(it.speech_token[0].tolist(), names, DEFAULT_STATES)))
-            hyps.append(" ".join(phones(tokens, names, DEFAULT_STATES)) or "-")
-            ratios.append(len(tokens) / it.speech_token.shape[1])
-        print(f"{name:12s} phone error rate {jiwer.wer(refs, hyps):.3f}  duration ratio "
-              f"{sum(ratios) / len(ratios):.2f}  failed {len(failed)} of {len(items)}", flush=True)
-        for f in failed:
-            print("   failed", f)
-        for it, r, h in list(zip(items, refs, hyps))[:2]:
-            print(f"   {it.text}\n     recorded  {r}\n     generated {h}")
+        for mode in a.modes.split(","):
+            refs, hyps, ratios, failed = [], [], [], []
+            for i, it in enumerate(items):
+                torch.manual_seed(1986 + i)
+                try:
+                    tokens = run(it, mode)
+                except RuntimeError as exc:
+                    failed.append(f"{it.utt}: {exc}")
+                    tokens = []
+                refs.append(" ".join(phones(it.speech_token[0].tolist(), names, DEFAULT_STATES)))
+                hyps.append(" ".join(phones(tokens, names, DEFAULT_STATES)) or "-")
+                ratios.append(len(tokens) / it.speech_token.shape[1])
+            print(f"{name:12s} {mode:9s} phone error rate {jiwer.wer(refs, hyps):.3f}  duration ratio "
+                  f"{sum(ratios) / len(ratios):.2f}  failed {len(failed)} of {len(items)}", flush=True)
+            for f in failed:
+                print("   failed", f)
+            for it, r, h in list(zip(items, refs, hyps))[:2]:
+                print(f"   {it.text}\n     recorded  {r}\n     generated {h}")
 
 
 if __name__ == "__main__":

@@ -68,6 +68,9 @@ class CosyDataModule(pl.LightningDataModule):
         row_cache_mb: decoded rows a rank keeps in memory while streaming (split between its loader
             workers); rows still to be used in the epoch are kept, the one needed last is evicted.
         min_sample_rate: audio below this rate is skipped rather than upsampled (upstream 16000).
+        curriculum_epochs, curriculum_max_frames: short utterances first: the first ``curriculum_epochs``
+            epochs train only on utterances of at most ``curriculum_max_frames`` mel frames (the unit of
+            ``max_frames_in_batch``); 0 = every utterance from the start. Validation is not affected.
     """
 
     def __init__(
@@ -112,6 +115,8 @@ class CosyDataModule(pl.LightningDataModule):
         min_sample_rate: int = 16000,
         index_workers: Optional[int] = None,
         row_cache_mb: int = 256,
+        curriculum_epochs: int = 0,
+        curriculum_max_frames: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -142,7 +147,8 @@ class CosyDataModule(pl.LightningDataModule):
                                      text_tokenizer_path=text_tokenizer_path, shuffle=True, shuffle_size=shuffle_size,
                                      sort_size=sort_size, batch_type=batch_type, batch_size=batch_size,
                                      max_frames_in_batch=max_frames_in_batch, use_spk_embedding=use_spk_embedding,
-                                     seed=seed, even_batches=even_batches)
+                                     seed=seed, even_batches=even_batches, curriculum_epochs=curriculum_epochs,
+                                     curriculum_max_frames=curriculum_max_frames)
         self.train_dataset: Optional[CosyIterableDataset] = None
         self.val_dataset: Optional[CosyIterableDataset] = None
         self._train_loader: Optional[ResumableCosyLoader] = None
@@ -184,7 +190,8 @@ class CosyDataModule(pl.LightningDataModule):
         return max(1, min(8, cpus // max(1, local)))
 
     def _dataset(self, path: str, shuffle: bool) -> CosyIterableDataset:
-        opts = self.options if shuffle else dataclasses.replace(self.options, shuffle=False)
+        # validation: the same rows in the same order every time, all of them (no curriculum)
+        opts = self.options if shuffle else dataclasses.replace(self.options, shuffle=False, curriculum_epochs=0)
         rank, world = self._rank_and_world()
         shards = read_data_list(path)
         index = ShardIndex.build(shards, opts, self.index_cache_dir, source=path, rank=rank, world_size=world,

@@ -13,7 +13,8 @@ find its place in the stream. Here the batching is *planned* before any audio is
    ranks split the shards between them and index in parallel processes, with no barrier. The index
    keeps 12 bytes per usable row. Bad shards and rows are counted by reason.
 2. **Plan** (each epoch, ``plan_epoch``, a pure function of index, options, epoch and world size):
-   shard order is shuffled with ``seed + epoch``; the usable rows in that order are cut into
+   shard order is shuffled with ``seed + epoch``; while ``epoch < curriculum_epochs`` only rows of at
+   most ``curriculum_max_frames`` planned frames stay (short utterances first); the rows in that order are cut into
    ``world_size`` contiguous runs whose sizes differ by at most one row; each rank's run goes
    through upstream's buffered shuffle (seeded by seed, epoch, rank), buffered sort and static or
    dynamic batching, all on the planned lengths (= the ``speech_feat`` frames the row will have).
@@ -87,6 +88,10 @@ class StreamOptions:
     use_spk_embedding: bool = False
     seed: int = 1986
     even_batches: str = "pad"
+    # short utterances first: for epochs below curriculum_epochs only rows of at most curriculum_max_frames
+    # batching frames (the unit of max_frames_in_batch) are planned; 0 = no curriculum
+    curriculum_epochs: int = 0
+    curriculum_max_frames: int = 0
 
     def __post_init__(self) -> None:
         if self.batch_type not in ("static", "dynamic"):
@@ -96,6 +101,9 @@ class StreamOptions:
         for name in ("shuffle_size", "sort_size", "batch_size", "max_frames_in_batch"):
             if getattr(self, name) < 1:
                 raise DataError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.curriculum_epochs < 0 or (self.curriculum_epochs > 0 and self.curriculum_max_frames < 1):
+            raise DataError(f"curriculum_epochs {self.curriculum_epochs} needs curriculum_max_frames >= 1 "
+                            f"(got {self.curriculum_max_frames}); set curriculum_epochs: 0 for no curriculum")
 
 
 def read_data_list(path: str | os.PathLike) -> list[str]:

@@ -33,9 +33,14 @@ from cosytrain.data.espeak import open_espeak, set_voice
 from cosytrain.data.shards import atomic_write_text
 
 SAMPLE_RATE = 22050
-DEMO_VERSION = 3  # 2: generated training sentences before the hand-written ones; 3: phone-alignment tokens
+DEMO_VERSION = 4  # 2: generated sentences before the hand-written ones; 3: phone-alignment tokens; 4: pairs
 SENTENCES_FILE = Path(__file__).with_name("assets") / "demo_sentences.txt"
 NUM_GENERATED = 2000  # template sentences (cosytrain.data.demo_text) the LLM learns to read from
+# two generated sentences said as one utterance (the first 2 * NUM_PAIRS, paired in order): the LLM learns
+# to go on after a sentence, which a zero-shot prompt asks of it (prompt sentence, then the target's);
+# conf/data/demo.yaml trains on them only after the single sentences (curriculum_epochs). A multiple of
+# the 5 voices, so every hand-written sentence keeps its voice.
+NUM_PAIRS = 500
 ALIGNMENT_FILE = "phones.ctm"  # in kaldi/: what espeak-ng said when, the source of the speech tokens
 
 
@@ -70,11 +75,14 @@ def load_sentences() -> list[str]:
 
 
 def corpus_sentences() -> list[str]:
-    """Every sentence of the corpus in order: ``NUM_GENERATED`` generated ones, then the hand-written."""
+    """Every utterance's text in order: ``NUM_GENERATED`` generated sentences, ``NUM_PAIRS`` pairs of them,
+    then the hand-written ones (last, so the held-out shard is theirs)."""
     from cosytrain.data.demo_text import generated_sentences
 
     written = load_sentences()
-    return generated_sentences(NUM_GENERATED, exclude=frozenset(written)) + written
+    generated = generated_sentences(NUM_GENERATED, exclude=frozenset(written))
+    pairs = [f"{generated[2 * k]} {generated[2 * k + 1]}" for k in range(NUM_PAIRS)]
+    return generated + pairs + written
 
 
 def plan(num_utts: int | None = None) -> list[tuple[str, DemoVoice, str]]:

@@ -80,7 +80,13 @@ class PhonemeTokenizer(ByteTokenizer):
 
 class PhoneTokenizer:
     """One id per espeak-ng phone of the text (``phonemes.phone_sequence``): id ``1 + i`` for
-    ``phonemes.PHONES[i]``, 256 for a name the table lacks; 0 stays free for padding."""
+    ``phonemes.PHONES[i]``, 256 for a name the table lacks; 0 stays free for padding.
+
+    Every text ends with the clause pause (``phonemes.CLAUSE_PAUSE``), as the speech does: a zero-shot
+    prompt's text then ends where the target's begins exactly as one sentence ends before the next in
+    a two-sentence training utterance. Without it the demo LLM stopped right after the prompt (README,
+    "What the demo sounds like").
+    """
 
     def __init__(self) -> None:
         from cosytrain.data.phonemes import PHONES, UNKNOWN
@@ -93,14 +99,17 @@ class PhoneTokenizer:
         self._names = {i: name for name, i in self._ids.items()} | {self.unknown_id: UNKNOWN}
 
     def encode(self, text: str) -> list[int]:
-        from cosytrain.data.phonemes import phone_sequence
-
-        return [self._ids.get(name, self.unknown_id) for name in phone_sequence(text)]
+        return [self._ids.get(name, self.unknown_id) for name in self._names_of(text)]
 
     def encode_lengths(self, texts: list[str]) -> list[int]:
-        from cosytrain.data.phonemes import phone_sequence
+        return [len(self._names_of(t)) for t in texts]
 
-        return [len(phone_sequence(t)) for t in texts]
+    @staticmethod
+    def _names_of(text: str) -> tuple[str, ...]:
+        from cosytrain.data.phonemes import CLAUSE_PAUSE, phone_sequence
+
+        names = phone_sequence(text)
+        return names + (CLAUSE_PAUSE,) if names and names[-1] != CLAUSE_PAUSE else names
 
     def decode(self, tokens: list[int]) -> str:
         """The phone names, space separated (for reading, not a round trip to text)."""

@@ -42,6 +42,27 @@ def test_batches_follow_the_contract(lists) -> None:
     assert dm.skipped == {}
 
 
+def test_length_curriculum_shortens_early_training_epochs_only(lists) -> None:
+    train, val, utts = lists
+    dm = CosyDataModule(train_data=train, val_data=val, **SMALL)
+    dm.setup("fit")
+    frames = dm.train_dataset.index.frames_of
+    cap = int(sorted(frames)[len(frames) // 2])
+    short = CosyDataModule(train_data=train, val_data=val, curriculum_epochs=1, curriculum_max_frames=cap, **SMALL)
+    short.setup("fit")
+
+    def seen(module: CosyDataModule, epoch: int) -> list[str]:
+        loader = module.train_dataloader()
+        loader.set_epoch(epoch)
+        return sorted(u for b in loader for u in b["utts"])
+
+    first = seen(short, 0)
+    assert 0 < len(first) < len(utts) and all(u in utts for u in first)
+    assert seen(short, 1) == seen(dm, 1) == sorted(utts)  # after the curriculum: every utterance
+    # validation always sees every held-out utterance, whatever the epoch
+    assert [b["utts"] for b in short.val_dataloader()] == [b["utts"] for b in dm.val_dataloader()]
+
+
 def test_vocoder_mode_and_spk_embedding(lists) -> None:
     train, _, _ = lists
     dm = CosyDataModule(train_data=train, vocoder=True, truncate_length=256 * 20, use_spk_embedding=True, **SMALL)

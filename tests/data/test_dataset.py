@@ -84,6 +84,30 @@ def test_epoch_seeded_shuffle(corpus) -> None:
     assert sorted(u for b in e0 for u in b) == sorted(u for b in e1 for u in b)
 
 
+def test_length_curriculum_holds_long_rows_back_for_its_epochs(corpus) -> None:
+    import dataclasses
+
+    import numpy as np
+
+    _, _, index = corpus
+    cap = int(np.median(index.frames_of))
+    opts = dataclasses.replace(OPTS, curriculum_epochs=2, curriculum_max_frames=cap)
+    long_rows = {(int(s), int(r)) for s, r, f in zip(index.shard_of, index.row_of, index.frames_of) if f > cap}
+    assert long_rows and len(long_rows) < len(index)
+
+    def planned(epoch: int) -> set[tuple[int, int]]:
+        plan = plan_epoch(index, opts, epoch, 1, 0)
+        return {ref for i in range(plan.num_batches) for ref in plan.refs(i)}
+
+    everything = planned(2)
+    assert len(everything) == len(index)  # from curriculum_epochs on: every row
+    for epoch in (0, 1):
+        rows = planned(epoch)
+        assert rows == everything - long_rows and plan_epoch(index, opts, epoch, 1, 0).num_batches > 0
+    with pytest.raises(DataError, match="curriculum_max_frames"):
+        StreamOptions(curriculum_epochs=3)
+
+
 def test_budget_respected_on_real_batches(corpus) -> None:
     for b in _rank_batches(corpus, 0, 1, workers=0):
         n = len(b["utts"])

@@ -88,7 +88,17 @@ def test_held_out_shard_is_the_hand_written_sentences(demo):
     held_out = [r["text"] for r in S.iter_rows(val, columns=["text"])]
     written = D.load_sentences()
     assert held_out == written[-len(held_out):] and 0 < len(held_out) < len(written)
-    assert len(D.plan()) == D.NUM_GENERATED + len(written)
+    plan = D.plan()
+    assert len(plan) == D.NUM_GENERATED + D.NUM_PAIRS + len(written)
+    # the two-sentence utterances come between the generated and the hand-written ones, and every
+    # hand-written sentence keeps the voice it had before they were added (its index mod the voices)
+    texts = [text for _, _, text in plan]
+    generated = texts[:D.NUM_GENERATED]
+    assert texts[D.NUM_GENERATED] == f"{generated[0]} {generated[1]}"
+    assert texts[D.NUM_GENERATED + D.NUM_PAIRS - 1] == f"{generated[2 * D.NUM_PAIRS - 2]} {generated[2 * D.NUM_PAIRS - 1]}"
+    assert texts[-len(written):] == written
+    first_written = D.NUM_GENERATED + D.NUM_PAIRS
+    assert plan[first_written][1] == D.VOICES[D.NUM_GENERATED % len(D.VOICES)]
 
 
 def test_generated_sentences_are_distinct_reproducible_and_varied():
