@@ -57,8 +57,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "me
 
 def tokenizer_identity(kind: str, path: Optional[str]) -> str:
     """A short id that changes whenever the tokenizer's output could: its kind and vocabulary files."""
-    # the phone tokenizer's output changed once in code (v2: every text ends with the clause pause)
-    h = hashlib.sha1(f"text-tokenizer|{kind}{'|v2' if kind == 'phone' else ''}".encode())
+    h = hashlib.sha1(f"text-tokenizer|{kind}{'|v2' if kind == 'phone' else ''}".encode())  # phone v2: ends in "_"
     if path is not None:
         p = Path(path)
         files = [p] if p.is_file() else sorted(q for q in p.glob("*") if q.name in _TOKENIZER_FILES)
