@@ -92,24 +92,23 @@ def main() -> None:
     prompts = {}  # zero-shot: the next held-out utterance of the same voice, round the voice's list
     by_voice: dict[str, list] = {}
     for it in items:
-        by_voice.setdefault(it.utt.rsplit("_", 1)[0], []).append(it)
+        by_voice.setdefault(it.spk, []).append(it)
     for group in by_voice.values():
         for k, it in enumerate(group):
             prompts[it.utt] = group[(k + 1) % len(group)] if len(group) > 1 else None
 
     def run(it, mode: str) -> list[int]:
         text = it.text_token.to(torch.int32)
-        kw = dict(prompt_text=empty, prompt_text_len=torch.tensor([0]), prompt_speech_token=empty,
-                  prompt_speech_token_len=torch.tensor([0]), embedding=it.embedding.float())
-        if mode == "zero_shot":
-            pr = prompts[it.utt]
-            if pr is None:
-                raise RuntimeError("no other held-out utterance of this voice to prompt with (raise --num)")
-            kw = dict(prompt_text=pr.text_token.to(torch.int32), prompt_text_len=torch.tensor([pr.text_token.shape[1]]),
-                      prompt_speech_token=pr.speech_token.to(torch.int32),
-                      prompt_speech_token_len=torch.tensor([pr.speech_token.shape[1]]), embedding=pr.embedding.float())
+        prompt = prompts[it.utt] if mode == "zero_shot" else None
+        if mode == "zero_shot" and prompt is None:
+            raise RuntimeError("no other held-out utterance of this voice to prompt with (raise --num)")
+        p_text = empty if prompt is None else prompt.text_token.to(torch.int32)
+        p_speech = empty if prompt is None else prompt.speech_token.to(torch.int32)
         with torch.no_grad():
-            return list(llm.inference(text=text, text_len=torch.tensor([text.shape[1]]), **kw))
+            return list(llm.inference(text=text, text_len=torch.tensor([text.shape[1]]), prompt_text=p_text,
+                                      prompt_text_len=torch.tensor([p_text.shape[1]]), prompt_speech_token=p_speech,
+                                      prompt_speech_token_len=torch.tensor([p_speech.shape[1]]),
+                                      embedding=(prompt or it).embedding.float()))
 
     for name in a.samplers.split(","):
         llm.sampling = samplers()[name]

@@ -136,7 +136,7 @@ def plan_epoch(index: "ShardIndex", opts: Any, epoch: int, world_size: int, rank
         shard_pos = np.empty(n_shards, dtype=np.int32)
         shard_pos[np.asarray(shard_order, dtype=np.int64)] = np.arange(n_shards, dtype=np.int32)
         order = np.lexsort((index.row_of, shard_pos[index.shard_of]))
-    if epoch < getattr(opts, "curriculum_epochs", 0):  # short utterances first (StreamOptions)
+    if epoch < opts.curriculum_epochs:  # short utterances first
         order = order[index.frames_of[order] <= opts.curriculum_max_frames]
     counts: list[int] = []
     mine_items, mine_bounds = order[:0], np.zeros(1, np.int64)
