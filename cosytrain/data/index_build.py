@@ -21,6 +21,7 @@ parallel. Without a cache directory every rank indexes every shard itself.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -28,6 +29,7 @@ import socket
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
+from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
@@ -56,8 +58,10 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "me
 
 
 def tokenizer_identity(kind: str, path: Optional[str]) -> str:
-    """A short id that changes whenever the tokenizer's output could: its kind and vocabulary files."""
-    h = hashlib.sha1(f"text-tokenizer|{kind}{'|v2' if kind == 'phone' else ''}".encode())  # phone v2: ends in "_"
+    """A short id that changes whenever the tokenizer's output could: kind, revision in code, vocabulary files."""
+    from cosytrain.data.text_tokenizer import OUTPUT_REVISIONS
+
+    h = hashlib.sha1(f"text-tokenizer|{kind}{OUTPUT_REVISIONS.get(kind, '')}".encode())
     if path is not None:
         p = Path(path)
         files = [p] if p.is_file() else sorted(q for q in p.glob("*") if q.name in _TOKENIZER_FILES)
@@ -66,12 +70,8 @@ def tokenizer_identity(kind: str, path: Optional[str]) -> str:
             h.update(f.read_bytes())
     elif kind in ("whisper", "phoneme", "phone"):
         # a bundled vocabulary (whisper) or espeak-ng's rules and phoneme table: the package version names it
-        try:
-            from importlib.metadata import version
-
-            h.update(version("openai-whisper" if kind == "whisper" else "espeakng-loader").encode())
-        except Exception:  # noqa: BLE001
-            pass
+        with contextlib.suppress(Exception):  # not installed: the kind alone
+            h.update(package_version("openai-whisper" if kind == "whisper" else "espeakng-loader").encode())
     return h.hexdigest()[:16]
 
 

@@ -78,6 +78,12 @@ class PhonemeTokenizer(ByteTokenizer):
         return [len(phonemize(t).encode("utf-8")) for t in texts]
 
 
+#: what a kind's output changed to in code (not in its vocabulary files or package), appended to the data index's
+#: tokenizer identity (``index_build.tokenizer_identity``) so cached text-token lengths of the old output are not
+#: reused; a kind never changed is absent, so its identity stays as it was. Add or bump an entry with such a change.
+OUTPUT_REVISIONS = {"phone": "|v2"}  # v2: every text ends with the clause pause
+
+
 class PhoneTokenizer:
     """One id per espeak-ng phone of the text (``phonemes.phone_sequence``): id ``1 + i`` for
     ``phonemes.PHONES[i]``, 256 for a name the table lacks; 0 stays free for padding.

@@ -199,6 +199,15 @@ def test_tokenizer_identity_follows_the_vocabulary_files(tmp_path: Path) -> None
     assert B.text_token_lengths("byte", None, ["ab", "", "é"]).tolist() == [2, 0, 2]
 
 
+def test_tokenizer_identity_follows_a_revision_of_the_output_in_code(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cosytrain.data import text_tokenizer
+
+    before = {kind: B.tokenizer_identity(kind, None) for kind in ("byte", "phone")}
+    monkeypatch.setitem(text_tokenizer.OUTPUT_REVISIONS, "byte", "|v2")
+    assert B.tokenizer_identity("byte", None) != before["byte"]  # cached lengths of the old output are not reused
+    assert B.tokenizer_identity("phone", None) == before["phone"]  # the other kinds keep theirs
+
+
 def test_two_ranks_share_the_first_launch_without_duplicates(tmp_path: Path) -> None:
     data_list, _ = write_corpus(tmp_path / "c", sizes=[3, 2, 4, 1, 2, 3, 2])
     shards = read_data_list(data_list)
